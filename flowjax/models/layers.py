@@ -1,0 +1,139 @@
+"""Shared building blocks of the flowjax models.
+
+Every parameter carries `logical_axes` metadata (e.g. ``("embed", "heads")``); `flowjax.sharding`
+turns those names into mesh shardings through the rules of the config. We keep them under our own
+metadata key rather than NNX's ``out_sharding`` so that a model can be built (or `eval_shape`d)
+without any mesh in scope; sharding is applied once, when weights are placed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that travels with the weights (e.g. SD3's positional table)."""
+
+
+def _init(initializer, axes: Sequence[str | None]):
+    return nnx.with_metadata(initializer, logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel stored [in, out] in `param_dtype`, computed in `dtype`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None] = (None, None),
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        kernel_init = _init(nnx.initializers.lecun_normal(), axes)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        if use_bias:
+            bias_init = _init(nnx.initializers.zeros_init(), axes[1:])
+            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters; statistics in fp32 whatever the compute dtype."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learnt scale (the qk-norm of SD3.5); the mean square is taken in fp32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = nnx.Param(_init(nnx.initializers.ones_init(), (None,))(rngs.params(), (dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class FeedForward(nnx.Module):
+    """Linear -> GELU (tanh approximation) -> Linear, as diffusers' FeedForward("gelu-approximate")."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj_in = Dense(dim, hidden, axes=("embed", "mlp"), **kw)
+        self.proj_out = Dense(hidden, dim, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=True))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
+    """Softmax attention over [B, L, heads, head_dim] tensors, one entry point for every kernel.
+
+    `xla` is portable (CPU, TPU, GPU); `cudnn` is the fused flash kernel on NVIDIA GPUs (bf16/fp16
+    only); `auto` lets JAX pick.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "auto" else impl)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of diffusers-unit timesteps, cos half first (flip_sin_to_cos, shift 0)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def sincos_2d_table(embed_dim: int, grid_size: int, base_size: int, interpolation_scale: float = 1.0) -> np.ndarray:
+    """SD3's 2D sin-cos positional table [grid_size**2, embed_dim] (row-major over (h, w)).
+
+    Half the channels encode the column, half the row, each as [sin, cos] of geometric frequencies.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"the 2D sin-cos table needs embed_dim divisible by 4, got {embed_dim}")
+    pos = np.arange(grid_size, dtype=np.float32) / (grid_size / base_size) / interpolation_scale
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0))
+
+    def one_axis(p):
+        out = np.outer(p.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(pos, pos, indexing="xy")  # cols varies along w
+    table = np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
+    return table.astype(np.float32)
