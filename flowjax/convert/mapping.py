@@ -127,7 +127,7 @@ def load_state(
         host = np.stack(arrays) if km.stacked else arrays[0]
         host = np.asarray(host, dtype=var.dtype)
         if path in target:
-            sharding = target[path][...]
+            sharding = target[path].get_value()
             value = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
         else:
             value = jax.device_put(host)

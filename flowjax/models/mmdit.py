@@ -258,7 +258,7 @@ class MMDiT(nnx.Module):
         )
         grid = cfg.pos_embed_max_size
         table = layers.sincos_2d_table(d, grid, base_size=cfg.sample_size // p)
-        self.pos_embed = layers.Buffer(jnp.asarray(table[None]), logical_axes=(None, None, "embed"))
+        self.pos_embed = layers.Buffer(jnp.asarray(table[None], dtype=param_dtype), logical_axes=(None, None, "embed"))
 
         self.timestep_linear_1 = Dense(256, d, axes=(None, "embed"), **kw)
         self.timestep_linear_2 = Dense(d, d, axes=("mlp", "embed"), **kw)
