@@ -171,3 +171,35 @@ def test_config_of_another_model(reference, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
     with pytest.raises(CheckpointError, match="not an SD3Transformer2DModel"):
         load_transformer(tmp_path)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def test_cli_import_export_round_trip(reference, tmp_path, capsys):
+    from flowjax.convert.__main__ import main
+
+    folder, _ = reference
+    assert main(["import-transformer", str(folder), str(tmp_path / "fj")]) == 0
+    assert "5 blocks (3 dual-attention)" in capsys.readouterr().out
+    assert main(["export-transformer", str(tmp_path / "fj"), str(tmp_path / "back")]) == 0
+    assert_same_tensors(folder_tensors(folder), folder_tensors(tmp_path / "back"))
+    assert main(["export-transformer", str(tmp_path / "fj"), str(tmp_path / "b16"), "--dtype", "bfloat16"]) == 0
+    assert folder_tensors(tmp_path / "b16")["proj_out.weight"].dtype.name == "bfloat16"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from flowjax.convert.__main__ import main
+
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["export-transformer", str(tmp_path), str(tmp_path / "x")]) == 2
+    assert "not a flowjax model folder" in capsys.readouterr().err
+
+
+def test_cli_help_explains_import_and_export():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "flowjax.convert", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "import-transformer" in out and "export-transformer" in out and "no torch" in out
