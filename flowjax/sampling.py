@@ -30,7 +30,7 @@ import numpy as np
 
 KINDS = ("ode", "sde", "cps", "dance")
 
-# Noise levels of the published recipes (Flow-GRPO a, CPS a, DanceGRPO eta); used by
+# Noise levels of the published recipes (Flow-GRPO a, CPS a, DanceGRPO eta); the default of
 # `rollout(..., noise_level=None)`.
 DEFAULT_NOISE_LEVEL = {"ode": 0.0, "sde": 0.7, "cps": 0.8, "dance": 0.3}
 
@@ -285,16 +285,16 @@ def rollout(
     key=None,
     *,
     kind: str = "ode",
-    noise_level=0.0,
+    noise_level=None,
     sde_window=None,
 ) -> Rollout:
     """Sample from `noise` (x at sigmas[0]) to sigmas[-1] in one `jax.lax.scan`.
 
     velocity_fn(x, sigma_batch) -> v, with x float32 [B, ...] and sigma_batch [B] float32.
     kind: "ode" | "sde" | "cps" | "dance" (static).
-    noise_level: the kernel's a / eta. The default 0.0 (DESIGN.md's signature) makes every kind
-      deterministic and identical to "ode"; pass None for the published default of the kind
-      (sde 0.7, cps 0.8, dance 0.3). Ignored for "ode". May be traced.
+    noise_level: the kernel's a / eta; None (default) takes the published level of the kind
+      (sde 0.7, cps 0.8, dance 0.3), so `kind="sde"` alone is never silently deterministic.
+      0.0 makes every kind reproduce "ode" bit for bit. Ignored for "ode". May be traced.
     sde_window: (start, end) for MixGRPO: stochastic steps only for step indices in
       [start, end), ODE steps and log-prob 0 elsewhere. Either bound may be a traced int, so a
       window can be drawn per batch inside jit (see `sample_window`).
