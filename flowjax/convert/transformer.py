@@ -14,6 +14,7 @@ from flowjax import sharding as sharding_lib
 from flowjax.convert import mapping
 from flowjax.convert.mapping import CONV2D, IDENTITY, dense, norm_scale
 from flowjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
+from flowjax.models import lora
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -123,12 +124,13 @@ def load_transformer(
 def save_transformer(model: MMDiT, path, *, dtype=None, max_shard_bytes: int | None = None) -> Path:
     """Writes `config.json` + safetensors that `SD3Transformer2DModel.from_pretrained(path)` loads.
 
-    Weights are written in their stored dtype unless `dtype` is given (e.g. `jnp.bfloat16`).
+    LoRA adapters are merged into the written kernels (the model itself is left as it is). Weights
+    are written in their stored dtype unless `dtype` is given (e.g. `jnp.bfloat16`).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    tensors = mapping.export_state(mmdit_table(cfg), nnx.state(model), dtype=dtype)
+    tensors = mapping.export_state(mmdit_table(cfg), lora.merged_state(model), dtype=dtype)
     write_safetensors(tensors, path, WEIGHTS_NAME, max_shard_bytes=max_shard_bytes)
     (path / "config.json").write_text(json.dumps(cfg.to_diffusers(), indent=2))
     return path

@@ -34,7 +34,11 @@ def _init(initializer, axes: Sequence[str | None]):
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel + bias, kernel stored [in, out] in `param_dtype`, computed in `dtype`."""
+    """y = x @ kernel + bias, kernel stored [in, out] in `param_dtype`, computed in `dtype`.
+
+    `flowjax.models.lora.apply` may attach a low-rank adapter: y += scale * (x @ lora_a) @ lora_b,
+    skipped once the adapter is merged into the kernel.
+    """
 
     def __init__(
         self,
@@ -56,12 +60,17 @@ class Dense(nnx.Module):
             self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
         else:
             self.bias = None
+        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)  # filled by lora.apply
+        self.lora_scale, self.lora_merged = 0.0, False
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None and not self.lora_merged:
+            down = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.dot(down, self.lora_b[...].astype(self.dtype))
         return y
 
 
