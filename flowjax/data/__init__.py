@@ -1,0 +1,1 @@
+"""Prompt sets, the k-repeat group sampler and the toy worlds that the RL loop can run on."""

@@ -1,0 +1,239 @@
+"""Advantage Weighted Matching (AWM), as pure functions.
+
+Follows scxue/advantage_weighted_matching, `advantage_weighted_matching/scripts/train_sd3_awm.py`
+(`compute_log_prob_awm`, the training loop) with the published SD3.5-M configs
+`config/dgx_awm.py:{geneval,ocr,pickscore}_sd3_no_cfg_*`:
+
+- Rollouts by any solver, CFG-free (guidance 1.0, `train.cfg=False`); only the final clean latent
+  x0, the prompt embedding and the advantage are kept.
+- Training timesteps (`time_type="discrete_wo_init"` for GenEval / OCR, `"discrete"` for
+  PickScore): `train_timesteps`=6 stratified draws over the sampler's step indices
+  [1 (or 0), int(num_steps * 0.9)), the SAME 6 timesteps for every sample of the micro-batch,
+  t = sampler sigma at that index (num_steps 14). Fresh eps per (timestep, sample);
+  x_t = (1 - t) x0 + t eps.
+- "ghuber" log-likelihood surrogate, p = `ghuber_power` = 0.25:
+      mse = mean_{C,H,W}(v_theta(x_t, t) - (eps - x0))^2
+      lp  = -((mse + 1e-10)^p - (1e-10)^p) * t / p
+- PPO-style ratio on lp (`loss_type="exp_first"`, one ratio per (timestep, sample)),
+  ratio = exp(lp - lp_old), clip_range = 1 (so clamp(ratio, 0, 2)), with
+  A = clamp(A, -5, 5) / 5 * `advantage_max` (= 1), i.e. clip(A / 5, -1, 1):
+      policy = mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))
+  In the published configs gradient_accumulation_steps == the number of micro-batches of the
+  epoch, so every micro-batch uses lp_old = lp.detach(): ratio == 1 exactly and the gradient
+  is that of mean(-A * lp).
+- KL to the reference (LoRA off), `kl_weight="Uniform"`: beta * mean(mean_{C,H,W}(v - v_ref)^2),
+  beta = 0.003 (GenEval, OCR), 1e-4 (PickScore).
+- KL to an EMA copy of the policy (a second LoRA adapter, initialised to the policy),
+  `kl_ema_weight="Uniform"`, ema_beta = 1: mean(mean_{C,H,W}(v - v_ema)^2). The EMA adapter is
+  updated once per epoch, after the epoch's optimizer steps:
+  ema <- decay * ema + (1 - decay) * policy, decay = min(0.3, 0.001 * global_step)
+  (`kl_ema_decay_type="linear"`, `kl_ema_decay=0.3`); see `awm_ema_decay` and
+  `flowjax.rl.nft.ema_update`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowjax.rl.nft import ema_update  # noqa: F401  (re-exported: the AWM EMA uses it too)
+
+_TINY = 1e-10  # the reference's offset inside the power
+
+
+def _f32(x):
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _per_sample_mean(x):
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def _bcast(t, x):
+    t = _f32(t)
+    return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+
+
+def awm_noised(x0, eps, t) -> jax.Array:
+    """x_t = (1 - t) x0 + t eps (float32); t [B] (or scalar) broadcast over the rest."""
+    x0, eps = _f32(x0), _f32(eps)
+    t = _bcast(t, x0)
+    return (1.0 - t) * x0 + t * eps
+
+
+def awm_log_prob(v_theta, x0, eps, t, *, p: float = 0.25) -> jax.Array:
+    """AWM's per-sample log-likelihood surrogate [B] (reference weighting "ghuber").
+
+    -((mse + 1e-10)^p - (1e-10)^p) * t / p, mse = mean over non-batch dims of
+    (v_theta - (eps - x0))^2. The reference computes it in float64; here float32.
+    """
+    v, x0, eps = _f32(v_theta), _f32(x0), _f32(eps)
+    mse = _per_sample_mean((v - (eps - x0)) ** 2)
+    t = _f32(t).reshape(-1) if jnp.ndim(t) else _f32(t)
+    return -((mse + _TINY) ** p - _TINY**p) * t / p
+
+
+def awm_advantages(advantages, *, adv_scale: float = 5.0, adv_clip: float | None = 1.0) -> jax.Array:
+    """clamp(A, -adv_scale, adv_scale) / adv_scale * adv_clip (float32).
+
+    adv_scale is the reference's `train.adv_clip_max` (5), adv_clip its `train.advantage_max` (1):
+    with the defaults this is clip(A / 5, -1, 1). adv_clip=None: only the clamp (the reference
+    with advantage_max=None).
+    """
+    a = jnp.clip(_f32(advantages), -adv_scale, adv_scale)
+    if adv_clip is not None:
+        a = a / adv_scale * adv_clip
+    return a
+
+
+def _check_term(name, coef, v):
+    if v is None and isinstance(coef, (int, float)) and coef != 0:
+        raise ValueError(f"{name}={coef} needs its velocity (v_ref for beta, v_ema for ema_beta)")
+
+
+def awm_loss(
+    v_theta,
+    x0,
+    eps,
+    t,
+    advantages,
+    *,
+    p: float = 0.25,
+    old_log_prob=None,
+    clip_range: float = 1.0,
+    v_ref=None,
+    beta: float = 0.0,
+    v_ema=None,
+    ema_beta: float = 0.0,
+    adv_scale: float = 5.0,
+    adv_clip: float | None = 1.0,
+):
+    """AWM loss (scalar float32) and metrics, over N = (timesteps x samples) rows.
+
+    v_theta: policy velocity at x_t = awm_noised(x0, eps, t), [N, ...] (any float dtype).
+    x0, eps: [N, ...] clean latents (repeated per timestep) and the fresh noise. t: [N].
+    advantages: [N] raw group advantages (repeated per timestep), transformed by
+      `awm_advantages(adv_scale, adv_clip)`.
+    old_log_prob: None (on-policy, the published recipe: ratio == 1 exactly) or the [N]
+      `awm_log_prob` of the policy before this epoch's updates at the same (x_t, t).
+    clip_range: PPO clip on the ratio (published 1).
+    v_ref / beta: KL to the reference (published beta 0.003 GenEval/OCR, 1e-4 PickScore).
+    v_ema / ema_beta: KL to the EMA policy (published ema_beta 1). Each term is added when its
+      velocity is given (the reference only adds the EMA term inside its beta > 0 branch; the
+      published configs have both > 0). v_ref and v_ema are treated as constants.
+
+    Metrics: loss, policy_loss, kl_loss, ema_kl_loss, clipfrac, ratio_mean, log_prob_mean, mse.
+    """
+    _check_term("beta", beta, v_ref)
+    _check_term("ema_beta", ema_beta, v_ema)
+    v = _f32(v_theta)
+    x0, eps = _f32(x0), _f32(eps)
+    lp = awm_log_prob(v, x0, eps, t, p=p)
+    old = jax.lax.stop_gradient(lp if old_log_prob is None else _f32(old_log_prob))
+    adv = jnp.broadcast_to(awm_advantages(advantages, adv_scale=adv_scale, adv_clip=adv_clip), lp.shape)
+
+    ratio = jnp.exp(lp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = jnp.mean(jnp.maximum(unclipped, clipped))
+    loss = policy_loss
+
+    zero = jnp.zeros((), jnp.float32)
+    kl = ema_kl = zero
+    if v_ref is not None:
+        kl = jnp.mean(_per_sample_mean((v - jax.lax.stop_gradient(_f32(v_ref))) ** 2))
+        loss = loss + beta * kl
+    if v_ema is not None:
+        ema_kl = jnp.mean(_per_sample_mean((v - jax.lax.stop_gradient(_f32(v_ema))) ** 2))
+        loss = loss + ema_beta * ema_kl
+
+    sg = jax.lax.stop_gradient
+    r = sg(ratio)
+    metrics = {
+        "loss": sg(loss),
+        "policy_loss": sg(policy_loss),
+        "kl_loss": sg(kl),
+        "ema_kl_loss": sg(ema_kl),
+        "clipfrac": jnp.mean((jnp.abs(r - 1.0) > clip_range).astype(jnp.float32)),
+        "ratio_mean": jnp.mean(r),
+        "log_prob_mean": jnp.mean(sg(lp)),
+        "mse": jnp.mean(sg(_per_sample_mean((v - (eps - x0)) ** 2))),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- timesteps
+
+
+def awm_timestep_indices(
+    key,
+    num_steps: int,
+    *,
+    num_train_timesteps: int = 6,
+    timestep_fraction: float = 0.9,
+    skip_first: bool = True,
+) -> jax.Array:
+    """Stratified sampler-step indices [num_train_timesteps] int32 (AWM `time_type="discrete*"`).
+
+    boundaries = linspace(start, int(num_steps * timestep_fraction), T + 1) truncated to
+    integers (start 1 for "discrete_wo_init", the published GenEval / OCR setting, skip_first=True;
+    0 for "discrete", PickScore); index k is lower_k + floor(u_k * (upper_k - lower_k)),
+    u_k ~ U[0, 1), so it lies in [lower_k, upper_k) (= lower_k when the stratum is empty).
+    The boundaries are computed in exact integer arithmetic (the reference truncates a float
+    linspace, which only differs where a float rounding lands just below an integer).
+    """
+    if num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    hi = int(num_steps * timestep_fraction)
+    lo = 1 if skip_first else 0
+    if hi <= lo:
+        raise ValueError(
+            f"int(num_steps * timestep_fraction) = {hi} leaves no steps to train on "
+            f"(num_steps={num_steps}, timestep_fraction={timestep_fraction}, skip_first={skip_first})"
+        )
+    n = num_train_timesteps
+    bounds = np.array([(lo * n + i * (hi - lo)) // n for i in range(n + 1)], np.int32)
+    lower, upper = jnp.asarray(bounds[:-1]), jnp.asarray(bounds[1:])
+    u = jax.random.uniform(key, (n,), jnp.float32)
+    return lower + jnp.floor(u * (upper - lower).astype(jnp.float32)).astype(jnp.int32)
+
+
+def awm_timesteps(
+    key,
+    batch: int,
+    sigmas,
+    *,
+    num_train_timesteps: int = 6,
+    timestep_fraction: float = 0.9,
+    skip_first: bool = True,
+) -> jax.Array:
+    """Training t [num_train_timesteps * batch] float32, timestep-major like the reference.
+
+    sigmas: the sampler's schedule [num_steps + 1] (flowjax.sampling.sigmas). Row k * batch + b
+    is sample b at the k-th stratified timestep (the reference concatenates x0 and the prompt
+    embeddings num_train_timesteps times and `repeat_interleave`s t over the batch).
+    t = sigmas[index] (the reference's scheduler.timesteps[index] / 1000).
+    """
+    sig = _f32(sigmas)
+    idx = awm_timestep_indices(
+        key,
+        sig.shape[0] - 1,
+        num_train_timesteps=num_train_timesteps,
+        timestep_fraction=timestep_fraction,
+        skip_first=skip_first,
+    )
+    return jnp.repeat(sig[idx], batch)
+
+
+def awm_ema_decay(step, *, max_decay: float = 0.3, rate: float = 1e-3, schedule: str = "linear"):
+    """Decay of AWM's EMA policy after `step` optimizer steps (float32 scalar; step may be traced).
+
+    schedule="linear" (published): min(max_decay, rate * step), max_decay=`kl_ema_decay`=0.3;
+    "constant": max_decay. Applied once per epoch as ema <- decay * ema + (1 - decay) * policy.
+    """
+    if schedule == "constant":
+        return jnp.asarray(max_decay, jnp.float32)
+    if schedule != "linear":
+        raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}")
+    return jnp.minimum(jnp.float32(max_decay), jnp.float32(rate) * jnp.asarray(step, jnp.float32))

@@ -1,0 +1,187 @@
+"""DiffusionNFT (negative-aware fine-tuning on the forward process), as pure functions.
+
+Follows NVlabs/DiffusionNFT `scripts/train_nft_sd3.py` (training loop, `return_decay`) and
+`config/nft.py` (read from its public forks, e.g. pkuhxy/DiffusionNFT, sebastian-stapf/DiffusionNFT):
+
+- Rollouts CFG-free (guidance 1.0) with the OLD policy (a second LoRA adapter "old",
+  initialised to the policy), deterministic "dpm2" solver, 10 steps; only x0 is kept.
+- Training timesteps: each sample gets a random permutation of the sampler's 10 step indices and
+  trains on the first int(10 * 0.99) = 9 of them, one per inner iteration (`nft_timesteps`);
+  fresh eps, x_t = (1 - t) x0 + t eps.
+- With b = `config.beta` (1.0 for GenEval / PickScore / HPSv2, 0.1 for OCR and multi-reward),
+  A clamped to [-adv_clip_max, adv_clip_max] = [-5, 5]:
+      r     = clamp(A / adv_clip_max / 2 + 0.5, 0, 1)
+      v_pos = b v + (1 - b) v_old,   v_neg = (1 + b) v_old - b v     (v_old detached)
+      x0_pos = x_t - t v_pos,        x0_neg = x_t - t v_neg
+      L(x0_hat) = mean_{C,H,W}((x0_hat - x0)^2 / w),  w = max(mean_{C,H,W}|x0_hat - x0|, 1e-5)
+                  per sample, w detached (computed in float64 under no_grad)
+      policy = mean_B(adv_clip_max * (r L(x0_pos) / b + (1 - r) L(x0_neg) / b))
+      loss   = policy + train.beta * mean_B(mean_{C,H,W}((v - v_ref)^2)),  train.beta = 1e-4
+- After every epoch: old <- decay * old + (1 - decay) * policy with decay = return_decay(step)
+  (`old_policy_decay`, decay_type 1 by default, 2 for OCR).
+- Evaluation uses a separate EMA (`EMAModuleWrapper`, decay 0.9, every step; `eval_ema_decay`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_W_MIN = 1e-5  # the reference's clamp on the adaptive weight
+
+
+def _f32(x):
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _per_sample_mean(x):
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def _bcast(t, x):
+    t = _f32(t)
+    return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+
+
+def adaptive_x0_mse(pred, target) -> jax.Array:
+    """Per-sample self-normalised squared error [B] (DiffusionNFT's adaptive weighting).
+
+    mean over non-batch dims of (pred - target)^2 / w, w = max(mean |pred - target|, 1e-5) per
+    sample, with no gradient through w (the reference computes w in float64 under no_grad;
+    here float32).
+    """
+    pred, target = _f32(pred), _f32(target)
+    err = pred - target
+    w = jax.lax.stop_gradient(jnp.maximum(_per_sample_mean(jnp.abs(err)), _W_MIN))
+    return _per_sample_mean(err**2) / w
+
+
+def nft_loss(
+    v,
+    v_old,
+    x_t,
+    x0,
+    t,
+    advantages,
+    *,
+    mix: float = 1.0,
+    v_ref=None,
+    kl_beta: float = 0.0,
+    adv_clip: float = 5.0,
+):
+    """DiffusionNFT loss (scalar float32) and metrics.
+
+    v: policy velocity at (x_t, t), [B, ...] any float dtype. v_old: old-policy velocity at the
+      same point (treated as a constant). x_t, x0: [B, ...]. t: [B] sigma in [0, 1].
+    advantages: [B] group advantages (clamped to [-adv_clip, adv_clip] here).
+    mix: b, the reference's `config.beta` (published 1.0; 0.1 for OCR / multi-reward); > 0.
+    v_ref / kl_beta: KL to the reference, the reference's `train.beta` (published 1e-4, always
+      on there; here added when v_ref is given). v_ref is treated as a constant.
+    adv_clip: the reference's `train.adv_clip_max` = 5; it also scales the policy term.
+
+    Metrics: loss, policy_loss, unweighted_policy_loss, kl_div, old_deviate
+    (mean (v - v_old)^2), r_mean, positive_loss, negative_loss.
+    """
+    if isinstance(mix, (int, float)) and mix <= 0:
+        raise ValueError(f"mix (DiffusionNFT's beta) must be > 0, got {mix}")
+    if v_ref is None and isinstance(kl_beta, (int, float)) and kl_beta != 0:
+        raise ValueError(f"kl_beta={kl_beta} needs v_ref (the reference policy's velocity)")
+    v = _f32(v)
+    v_old = jax.lax.stop_gradient(_f32(v_old))
+    x_t, x0 = _f32(x_t), _f32(x0)
+    tb = _bcast(t, x0)
+
+    a = jnp.clip(_f32(advantages), -adv_clip, adv_clip)
+    r = jnp.clip(a / adv_clip / 2.0 + 0.5, 0.0, 1.0)
+
+    v_pos = mix * v + (1.0 - mix) * v_old
+    v_neg = (1.0 + mix) * v_old - mix * v
+    pos = adaptive_x0_mse(x_t - tb * v_pos, x0)
+    neg = adaptive_x0_mse(x_t - tb * v_neg, x0)
+    per_sample = r * pos / mix + (1.0 - r) * neg / mix
+    policy_loss = jnp.mean(per_sample * adv_clip)
+    loss = policy_loss
+
+    kl = jnp.zeros((), jnp.float32)
+    if v_ref is not None:
+        kl = jnp.mean(_per_sample_mean((v - jax.lax.stop_gradient(_f32(v_ref))) ** 2))
+        loss = loss + kl_beta * kl
+
+    sg = jax.lax.stop_gradient
+    metrics = {
+        "loss": sg(loss),
+        "policy_loss": sg(policy_loss),
+        "unweighted_policy_loss": sg(jnp.mean(per_sample)),
+        "kl_div": sg(kl),
+        "old_deviate": sg(jnp.mean((v - v_old) ** 2)),
+        "r_mean": jnp.mean(r),
+        "positive_loss": sg(jnp.mean(pos)),
+        "negative_loss": sg(jnp.mean(neg)),
+    }
+    return loss, metrics
+
+
+def nft_timesteps(key, batch: int, sigmas, *, timestep_fraction: float = 0.99) -> jax.Array:
+    """Training t [K, batch] float32, K = int(num_steps * timestep_fraction).
+
+    As the reference: every sample gets its own random permutation of the sampler's num_steps
+    timesteps (sigmas[:-1]) and row j is used in the j-th inner iteration, so each sample
+    trains on K distinct sampler timesteps in random order (with 10 steps and 0.99: 9 of the
+    10, a random one left out).
+    """
+    sig = _f32(sigmas)
+    num_steps = sig.shape[0] - 1
+    k = int(num_steps * timestep_fraction)
+    if k < 1:
+        raise ValueError(f"int(num_steps * timestep_fraction) = {k}: no timesteps to train on")
+    keys = jax.random.split(key, batch)
+    perms = jax.vmap(lambda kk: jax.random.permutation(kk, num_steps))(keys)  # [batch, num_steps]
+    return sig[perms[:, :k]].T
+
+
+# Published `decay_type`s of `return_decay`: (flat, uprate, uphold).
+_DECAY_TYPES = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
+
+
+def old_policy_decay(step, decay_type: int = 1):
+    """EMA decay of DiffusionNFT's old (sampling) policy after `step` optimizer steps.
+
+    The reference's `return_decay`: 0 while step < flat, then min((step - flat) * uprate, uphold)
+    with (flat, uprate, uphold) = (0, 0, 0) for type 0 (old = policy), (0, 0.001, 0.5) for type 1
+    (published default), (75, 0.0075, 0.999) for type 2 (OCR). Applied once per epoch, after the
+    epoch's updates: old <- decay * old + (1 - decay) * policy (`ema_update`). float32 scalar;
+    `step` may be traced.
+    """
+    if decay_type not in _DECAY_TYPES:
+        raise ValueError(f"decay_type must be one of {sorted(_DECAY_TYPES)}, got {decay_type!r}")
+    flat, uprate, uphold = _DECAY_TYPES[decay_type]
+    s = jnp.asarray(step, jnp.float32)
+    return jnp.where(s < flat, 0.0, jnp.minimum((s - flat) * uprate, uphold)).astype(jnp.float32)
+
+
+def eval_ema_decay(step, decay: float):
+    """Decay of the evaluation EMA (flow_grpo/ema.py `EMAModuleWrapper.get_current_decay`).
+
+    min((1 + step) / (10 + step), decay); the wrapper updates when (step + 1) % interval == 0.
+    Published: Flow-GRPO decay 0.9 interval 8, AWM 0.99 interval 1, DiffusionNFT 0.9 interval 1.
+    """
+    s = jnp.asarray(step, jnp.float32)
+    return jnp.minimum((1.0 + s) / (10.0 + s), jnp.float32(decay))
+
+
+def ema_update(old_params, params, decay):
+    """old * decay + params * (1 - decay), leaf by leaf over matching pytrees.
+
+    Computed in float32 and cast back to each old leaf's dtype; no gradient flows. Leaves that
+    are not floating point (e.g. counters) are taken from `params`.
+    """
+    d = jnp.asarray(decay, jnp.float32)
+
+    def one(o, p):
+        o, p = jnp.asarray(o), jnp.asarray(p)
+        if not jnp.issubdtype(o.dtype, jnp.floating):
+            return p
+        new = o.astype(jnp.float32) * d + jax.lax.stop_gradient(p).astype(jnp.float32) * (1.0 - d)
+        return new.astype(o.dtype)
+
+    return jax.tree_util.tree_map(one, old_params, params)
