@@ -87,12 +87,14 @@ def validate(config) -> None:
 
 
 class MetricsWriter:
-    """metrics.jsonl, one JSON object per logged step; on resume, lines past the restored step go."""
+    """metrics.jsonl, one JSON object per logged step; on resume, lines past the restored step go
+    (a fresh start, `restored_step` None, starts a fresh file)."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
+    def __init__(self, path: Path, restored_step: int | None, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < resume_step]
+            last = -1 if restored_step is None else restored_step
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, step: int, metrics: dict) -> None:
@@ -160,8 +162,7 @@ class Trainer:
             self.workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True),
         )
-        start = self._restore()
-        self.metrics = MetricsWriter(self.workdir / "metrics.jsonl", start, self.is_main)
+        self.metrics = MetricsWriter(self.workdir / "metrics.jsonl", self._restore(), self.is_main)
 
     # ------------------------------------------------------------------ jitted functions
 
@@ -322,10 +323,11 @@ class Trainer:
                 self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
         self.checkpoints.wait_until_finished()
 
-    def _restore(self) -> int:
+    def _restore(self) -> int | None:
+        """Loads the latest checkpoint, if any; returns its step."""
         latest = self.checkpoints.latest_step()
         if latest is None:
-            return 0
+            return None
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         self.state = self.checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
         return latest
