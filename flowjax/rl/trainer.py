@@ -221,7 +221,27 @@ class Trainer:
             old = nft.ema_update(state.old_params, state.params, decay)
             return state.replace(old_params=old, step=state.step + 1)
 
+        t = self.config.train
+
+        @jax.jit
+        def score(samples, prompt_ids, group_ids):
+            """Rewards -> advantages over the global batch, and the reward statistics to log."""
+            rewards = self.world.reward(samples, prompt_ids)
+            advantages = adv_lib.group_advantages(rewards, group_ids, num_groups=t.prompts_per_batch,
+                                                  std=t.adv_std, clip=None)  # each loss clips its own way
+            stats = adv_lib.group_reward_stats(rewards, group_ids, num_groups=t.prompts_per_batch)
+            return advantages, {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
+                                **{f"group/{k}": v for k, v in stats.items()}}
+
+        @jax.jit
+        def eval_scores(samples, prompt_ids):
+            out = {"eval/reward_mean": self.world.reward(samples, prompt_ids).mean()}
+            if hasattr(self.world, "accuracy"):
+                out["eval/accuracy"] = self.world.accuracy(samples, prompt_ids).mean()
+            return out
+
         self._rollout, self._evaluate, self._update, self._end_of_epoch = rollout, evaluate, update, end_of_epoch
+        self._score, self._eval_scores = score, eval_scores
 
     # ------------------------------------------------------------------ data
 
@@ -252,11 +272,7 @@ class Trainer:
         ids = np.resize(ids, -(-len(ids) // self._dp()) * self._dp())  # pad to a multiple of the devices
         noise = self._noise(jax.random.PRNGKey(10_000 + self.config.seed), len(ids))
         samples = self._evaluate(self.state.params, self.frozen, self._cond(ids), noise)
-        rewards = self.world.reward(samples, jnp.asarray(ids))
-        out = {"eval/reward_mean": jnp.mean(rewards)}
-        if hasattr(self.world, "accuracy"):
-            out["eval/accuracy"] = jnp.mean(self.world.accuracy(samples, jnp.asarray(ids)))
-        return out
+        return self._eval_scores(samples, self._global(ids.astype(np.int32)))
 
     def _dp(self):
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -276,9 +292,8 @@ class Trainer:
         out = self._rollout(sample_params, self.frozen, cond, self._noise(k_noise, self.batch_size, group_ids),
                             k_sample, window_start)
         samples = out.latents[-1]
-        rewards = self.world.reward(samples, jnp.asarray(prompt_ids))
-        advantages = adv_lib.group_advantages(rewards, self._global(group_ids.astype(np.int32)),
-                                              num_groups=t.prompts_per_batch, std=t.adv_std, clip=None)
+        advantages, reward_metrics = self._score(samples, self._global(prompt_ids.astype(np.int32)),
+                                                 self._global(group_ids.astype(np.int32)))
         t_sample = time.perf_counter() - t0
 
         keep = out.latents if c.method == "grpo" else samples
@@ -297,11 +312,9 @@ class Trainer:
             raise FloatingPointError(f"{int(self.state.nan_steps)} updates had a non-finite loss or gradient "
                                      f"(train.max_nan_steps={t.max_nan_steps}); lower train.lr or check the reward")
         metrics = {k: np.mean([float(m[k]) for m in logs]) for k in logs[0]}
-        metrics.update({"reward/mean": jnp.mean(rewards), "reward/std": jnp.std(rewards),
-                        "time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0,
+        metrics.update(reward_metrics)
+        metrics.update({"time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0,
                         "nan_steps": self.state.nan_steps})
-        metrics.update({f"group/{k}": v for k, v in adv_lib.group_reward_stats(
-            rewards, self._global(group_ids.astype(np.int32)), num_groups=t.prompts_per_batch).items()})
         return metrics
 
     def train(self, num_steps: int | None = None) -> None:
