@@ -2,7 +2,8 @@
 
 Writes WORKDIR/metrics.jsonl (one JSON object per logged step; `eval/...` keys on evaluations) and
 WORKDIR/checkpoints/; rerunning with the same workdir resumes from the last checkpoint.
-On several hosts (TPU pod workers, or GPU nodes with --coordinator/--num_processes/--process_id)
+On several hosts (TPU pod workers with --multihost, GPU nodes with --coordinator/--num_processes/--process_id;
+see launch/)
 `jax.distributed` is initialised first and only process 0 writes logs.
 """
 
@@ -23,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (metrics, checkpo
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-host GPU runs")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "initialise jax.distributed from the environment (TPU pods, SLURM)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,6 +43,8 @@ def main(argv):
     del argv
     if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _MULTIHOST.value:
+        jax.distributed.initialize()
     trainer = build(_CONFIG.value, _WORKDIR.value)
     try:
         trainer.train()

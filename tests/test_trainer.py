@@ -118,3 +118,4 @@ def test_command_line(tmp_path):
     rows = read_metrics(tmp_path)
     assert rows[0]["step"] == 0 and "eval/reward_mean" in rows[0] and rows[-1]["step"] == 2
     assert (tmp_path / "checkpoints").is_dir()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
