@@ -37,28 +37,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowjax.rl.common import bcast, f32, per_sample_mean, ppo_clipped, velocity_kl
 from flowjax.rl.nft import ema_update  # noqa: F401  (re-exported: the AWM EMA uses it too)
 
 _TINY = 1e-10  # the reference's offset inside the power
 
 
-def _f32(x):
-    return jnp.asarray(x).astype(jnp.float32)
-
-
-def _per_sample_mean(x):
-    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
-
-
-def _bcast(t, x):
-    t = _f32(t)
-    return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
-
-
 def awm_noised(x0, eps, t) -> jax.Array:
     """x_t = (1 - t) x0 + t eps (float32); t [B] (or scalar) broadcast over the rest."""
-    x0, eps = _f32(x0), _f32(eps)
-    t = _bcast(t, x0)
+    x0, eps = f32(x0), f32(eps)
+    t = bcast(t, x0)
     return (1.0 - t) * x0 + t * eps
 
 
@@ -68,9 +56,9 @@ def awm_log_prob(v_theta, x0, eps, t, *, p: float = 0.25) -> jax.Array:
     -((mse + 1e-10)^p - (1e-10)^p) * t / p, mse = mean over non-batch dims of
     (v_theta - (eps - x0))^2. The reference computes it in float64; here float32.
     """
-    v, x0, eps = _f32(v_theta), _f32(x0), _f32(eps)
-    mse = _per_sample_mean((v - (eps - x0)) ** 2)
-    t = _f32(t).reshape(-1) if jnp.ndim(t) else _f32(t)
+    v, x0, eps = f32(v_theta), f32(x0), f32(eps)
+    mse = per_sample_mean((v - (eps - x0)) ** 2)
+    t = f32(t).reshape(-1) if jnp.ndim(t) else f32(t)
     return -((mse + _TINY) ** p - _TINY**p) * t / p
 
 
@@ -81,7 +69,7 @@ def awm_advantages(advantages, *, adv_scale: float = 5.0, adv_clip: float | None
     with the defaults this is clip(A / 5, -1, 1). adv_clip=None: only the clamp (the reference
     with advantage_max=None).
     """
-    a = jnp.clip(_f32(advantages), -adv_scale, adv_scale)
+    a = jnp.clip(f32(advantages), -adv_scale, adv_scale)
     if adv_clip is not None:
         a = a / adv_scale * adv_clip
     return a
@@ -127,25 +115,23 @@ def awm_loss(
     """
     _check_term("beta", beta, v_ref)
     _check_term("ema_beta", ema_beta, v_ema)
-    v = _f32(v_theta)
-    x0, eps = _f32(x0), _f32(eps)
+    v = f32(v_theta)
+    x0, eps = f32(x0), f32(eps)
     lp = awm_log_prob(v, x0, eps, t, p=p)
-    old = jax.lax.stop_gradient(lp if old_log_prob is None else _f32(old_log_prob))
+    old = jax.lax.stop_gradient(lp if old_log_prob is None else f32(old_log_prob))
     adv = jnp.broadcast_to(awm_advantages(advantages, adv_scale=adv_scale, adv_clip=adv_clip), lp.shape)
 
     ratio = jnp.exp(lp - old)
-    unclipped = -adv * ratio
-    clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = jnp.mean(jnp.maximum(unclipped, clipped))
+    policy_loss = ppo_clipped(ratio, adv, clip_range)
     loss = policy_loss
 
     zero = jnp.zeros((), jnp.float32)
     kl = ema_kl = zero
     if v_ref is not None:
-        kl = jnp.mean(_per_sample_mean((v - jax.lax.stop_gradient(_f32(v_ref))) ** 2))
+        kl = velocity_kl(v, v_ref)
         loss = loss + beta * kl
     if v_ema is not None:
-        ema_kl = jnp.mean(_per_sample_mean((v - jax.lax.stop_gradient(_f32(v_ema))) ** 2))
+        ema_kl = velocity_kl(v, v_ema)
         loss = loss + ema_beta * ema_kl
 
     sg = jax.lax.stop_gradient
@@ -158,7 +144,7 @@ def awm_loss(
         "clipfrac": jnp.mean((jnp.abs(r - 1.0) > clip_range).astype(jnp.float32)),
         "ratio_mean": jnp.mean(r),
         "log_prob_mean": jnp.mean(sg(lp)),
-        "mse": jnp.mean(sg(_per_sample_mean((v - (eps - x0)) ** 2))),
+        "mse": jnp.mean(sg(per_sample_mean((v - (eps - x0)) ** 2))),
     }
     return loss, metrics
 
@@ -215,7 +201,7 @@ def awm_timesteps(
     embeddings num_train_timesteps times and `repeat_interleave`s t over the batch).
     t = sigmas[index] (the reference's scheduler.timesteps[index] / 1000).
     """
-    sig = _f32(sigmas)
+    sig = f32(sigmas)
     idx = awm_timestep_indices(
         key,
         sig.shape[0] - 1,

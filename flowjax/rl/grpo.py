@@ -22,15 +22,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _f32(x):
-    return jnp.asarray(x).astype(jnp.float32)
+from flowjax.rl.common import f32, ppo_clipped
 
 
 def _kl_term(mean, ref_mean, std_t, batch_ndim):
     """mean over the leading batch dims of mean_{rest}((mean - ref)^2) / (2 std_t^2)."""
-    mean = _f32(mean)
-    ref_mean = jax.lax.stop_gradient(_f32(ref_mean))
+    mean = f32(mean)
+    ref_mean = jax.lax.stop_gradient(f32(ref_mean))
     if mean.shape != ref_mean.shape:
         raise ValueError(f"mean {mean.shape} and ref_mean {ref_mean.shape} must have the same shape")
     if mean.ndim < batch_ndim:
@@ -38,7 +36,7 @@ def _kl_term(mean, ref_mean, std_t, batch_ndim):
     event_axes = tuple(range(batch_ndim, mean.ndim))
     # Reduce first, then divide, as the reference (std_dev_t is constant over C,H,W).
     sq = jnp.mean((mean - ref_mean) ** 2, axis=event_axes)
-    s = _f32(std_t)
+    s = f32(std_t)
     if s.ndim > batch_ndim:
         # std_t broadcastable to the latents ([B,1,1,1] from the step kernels): one value per
         # sample, so take it from the first event element.
@@ -74,20 +72,18 @@ def grpo_loss(
     clipfrac_gt_one, clipfrac_lt_one, approx_kl (= 0.5 * mean((logp - logp_old)^2), the
     reference's), ratio_mean, ratio_max, ratio_min.
     """
-    lp = _f32(log_prob)
-    old = jax.lax.stop_gradient(_f32(old_log_prob))
+    lp = f32(log_prob)
+    old = jax.lax.stop_gradient(f32(old_log_prob))
     if old.shape != lp.shape:
         raise ValueError(f"old_log_prob {old.shape} must have the shape of log_prob {lp.shape}")
-    adv = _f32(advantages)
+    adv = f32(advantages)
     if adv_clip is not None:
         adv = jnp.clip(adv, -adv_clip, adv_clip)
     adv = jnp.broadcast_to(adv, lp.shape)
 
     log_ratio = lp - old
     ratio = jnp.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = jnp.mean(jnp.maximum(unclipped, clipped))
+    policy_loss = ppo_clipped(ratio, adv, clip_range)
 
     if mean is not None or ref_mean is not None:
         if mean is None or ref_mean is None or std_t is None:

@@ -27,20 +27,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flowjax.rl.common import bcast, f32, per_sample_mean, velocity_kl
+
 _W_MIN = 1e-5  # the reference's clamp on the adaptive weight
-
-
-def _f32(x):
-    return jnp.asarray(x).astype(jnp.float32)
-
-
-def _per_sample_mean(x):
-    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
-
-
-def _bcast(t, x):
-    t = _f32(t)
-    return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
 def adaptive_x0_mse(pred, target) -> jax.Array:
@@ -50,10 +39,10 @@ def adaptive_x0_mse(pred, target) -> jax.Array:
     sample, with no gradient through w (the reference computes w in float64 under no_grad;
     here float32).
     """
-    pred, target = _f32(pred), _f32(target)
+    pred, target = f32(pred), f32(target)
     err = pred - target
-    w = jax.lax.stop_gradient(jnp.maximum(_per_sample_mean(jnp.abs(err)), _W_MIN))
-    return _per_sample_mean(err**2) / w
+    w = jax.lax.stop_gradient(jnp.maximum(per_sample_mean(jnp.abs(err)), _W_MIN))
+    return per_sample_mean(err**2) / w
 
 
 def nft_loss(
@@ -86,12 +75,12 @@ def nft_loss(
         raise ValueError(f"mix (DiffusionNFT's beta) must be > 0, got {mix}")
     if v_ref is None and isinstance(kl_beta, (int, float)) and kl_beta != 0:
         raise ValueError(f"kl_beta={kl_beta} needs v_ref (the reference policy's velocity)")
-    v = _f32(v)
-    v_old = jax.lax.stop_gradient(_f32(v_old))
-    x_t, x0 = _f32(x_t), _f32(x0)
-    tb = _bcast(t, x0)
+    v = f32(v)
+    v_old = jax.lax.stop_gradient(f32(v_old))
+    x_t, x0 = f32(x_t), f32(x0)
+    tb = bcast(t, x0)
 
-    a = jnp.clip(_f32(advantages), -adv_clip, adv_clip)
+    a = jnp.clip(f32(advantages), -adv_clip, adv_clip)
     r = jnp.clip(a / adv_clip / 2.0 + 0.5, 0.0, 1.0)
 
     v_pos = mix * v + (1.0 - mix) * v_old
@@ -104,7 +93,7 @@ def nft_loss(
 
     kl = jnp.zeros((), jnp.float32)
     if v_ref is not None:
-        kl = jnp.mean(_per_sample_mean((v - jax.lax.stop_gradient(_f32(v_ref))) ** 2))
+        kl = velocity_kl(v, v_ref)
         loss = loss + kl_beta * kl
 
     sg = jax.lax.stop_gradient
@@ -129,7 +118,7 @@ def nft_timesteps(key, batch: int, sigmas, *, timestep_fraction: float = 0.99) -
     trains on K distinct sampler timesteps in random order (with 10 steps and 0.99: 9 of the
     10, a random one left out).
     """
-    sig = _f32(sigmas)
+    sig = f32(sigmas)
     num_steps = sig.shape[0] - 1
     k = int(num_steps * timestep_fraction)
     if k < 1:
