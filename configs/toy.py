@@ -7,6 +7,8 @@ RL core (sampling, advantages, losses, LoRA, sharding, checkpoints) in seconds p
 
 import ml_collections
 
+from flowjax import sharding
+
 VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft")
 
 
@@ -62,9 +64,7 @@ def get_config(arg: str = "grpo"):
     t.nft_mix, t.nft_kl_beta, t.nft_decay_type = 1.0, 0.0, 1
 
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.sharding_rules = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
-                        ("activation_embed", None), ("embed", "fsdp"), ("heads", "tensor"),
-                        ("mlp", "tensor"), ("vocab", "tensor"), ("layers", None))
+    c.sharding_rules = sharding.DEFAULT_RULES  # logical axis -> mesh axes (pure FSDP)
     c.eval_every = 10
     c.checkpoint_every = 10
     c.keep_checkpoints = 2

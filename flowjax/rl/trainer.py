@@ -131,7 +131,7 @@ class Trainer:
         s, t = config.sample, config.train
         self.sampler = KRepeatSampler(world.num_prompts, t.prompts_per_batch, t.group_size, seed=config.seed)
         self.batch_size = self.sampler.batch_size
-        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        dp = self._dp()
         if self.batch_size % dp or (self.batch_size // t.minibatches) % dp:
             raise ValueError(f"batch {self.batch_size} and minibatch {self.batch_size // t.minibatches} must divide "
                              f"evenly over the {dp} data-parallel devices of the mesh")
