@@ -56,12 +56,13 @@ def load_model(path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None, rules=s
     metadata = ocp.StandardCheckpointer().metadata(path / "params")
     saved_dtype = jax.tree.leaves(metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata)[0].dtype
     param_dtype = param_dtype or saved_dtype
-    if mesh is not None:
-        model_kwargs["activation_sharding"] = sharding_lib.ActivationSharding(mesh, tuple(rules))
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **model_kwargs))
-    graphdef, state = nnx.split(abstract)
-    if mesh is not None:
-        shardings = nnx.to_pure_dict(sharding_lib.variable_shardings(state, mesh, rules))
+    graphdef, state, shardings = sharding_lib.abstract_model(
+        lambda act: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                        activation_sharding=act, **model_kwargs),
+        mesh, rules,
+    )
+    if shardings is not None:
+        shardings = nnx.to_pure_dict(shardings)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))

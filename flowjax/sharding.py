@@ -98,9 +98,17 @@ class ActivationSharding:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, logical_to_spec(names, self.rules, self.mesh, x.shape)))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
-    """Moves every variable of `model` onto its sharding (in place) and returns it."""
-    state = nnx.state(model)
-    shardings = variable_shardings(state, mesh, rules)
-    nnx.update(model, jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings))
-    return model
+def shard_state(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """An NNX state with every array moved onto its sharding."""
+    return jax.device_put(state, variable_shardings(state, mesh, rules))
+
+
+def abstract_model(build, mesh: Mesh | None = None, rules=DEFAULT_RULES):
+    """(graphdef, abstract state, shardings or None) of `build(activation_sharding)`, allocating nothing.
+
+    The loaders fill the abstract state leaf by leaf, each leaf straight into its sharding.
+    """
+    act = ActivationSharding(mesh, tuple(rules)) if mesh is not None else None
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(act)))
+    shardings = variable_shardings(state, mesh, rules) if mesh is not None else None
+    return graphdef, state, shardings

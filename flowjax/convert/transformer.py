@@ -105,15 +105,11 @@ def load_transformer(
     """
     cfg = read_config(path)
     reader = SafetensorsReader(path, WEIGHTS_NAME)
-    act = sharding_lib.ActivationSharding(mesh, tuple(rules)) if mesh is not None else None
-    abstract = nnx.eval_shape(
-        lambda: MMDiT(
-            cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-            attention_impl=attention_impl, remat=remat, activation_sharding=act,
-        )
+    graphdef, abstract_state, shardings = sharding_lib.abstract_model(
+        lambda act: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                          attention_impl=attention_impl, remat=remat, activation_sharding=act),
+        mesh, rules,
     )
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = sharding_lib.variable_shardings(abstract_state, mesh, rules) if mesh is not None else None
     bar = (lambda it: tqdm(it, desc="loading transformer", unit="tensor")) if progress else (lambda it: it)
     state = mapping.load_state(
         mmdit_table(cfg), abstract_state, reader, what="SD3Transformer2DModel", shardings=shardings, progress=bar

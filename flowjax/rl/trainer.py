@@ -152,8 +152,9 @@ class Trainer:
         else:
             trainable = nnx.Param
         graphdef, params, frozen = nnx.split(model, trainable, ...)
-        params = jax.device_put(params, sharding_lib.variable_shardings(params, self.mesh, tuple(config.sharding_rules)))
-        self.frozen = jax.device_put(frozen, sharding_lib.variable_shardings(frozen, self.mesh, tuple(config.sharding_rules)))
+        rules = tuple(config.sharding_rules)
+        params = sharding_lib.shard_state(params, self.mesh, rules)
+        self.frozen = sharding_lib.shard_state(frozen, self.mesh, rules)
         self.ref_params = lora.disabled(params) if config.lora.rank > 0 else params
         self.apply = lambda p, *a, frozen: nnx.merge(graphdef, p, frozen)(*a)
 
