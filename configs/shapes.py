@@ -33,7 +33,7 @@ def get_config(arg: str = "grpo"):
 
     s = c.sample = ml_collections.ConfigDict()
     s.num_steps = 8
-    s.shift = 1.0
+    s.shift = 3.0  # as the base model was trained (configs/shapes_pretrain.py)
     s.kind = {"cps": "cps", "awm": "ode", "nft": "ode"}.get(arg, "sde")
     s.noise_level = {"sde": 0.7, "cps": 0.8, "ode": 0.0}[s.kind]
     s.guidance = 1.0

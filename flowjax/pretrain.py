@@ -30,6 +30,7 @@ from flowjax.data import shapes
 from flowjax.data.shapes_world import images_to_pixels, pixels_to_images, save_base
 from flowjax.models.clip import CLIPTextConfig, CLIPTextModel
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
+from flowjax.models.prediction import check_prediction, to_velocity
 from flowjax.rewards import shapes as shapes_reward
 from flowjax.rl.trainer import MetricsWriter
 
@@ -40,23 +41,30 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
 class TextToImage(nnx.Module):
     """Text encoder + transformer trained as one module; `velocity(x, sigma, tokens)`."""
 
-    def __init__(self, text_config: CLIPTextConfig, model_config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, text_config: CLIPTextConfig, model_config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 prediction: str = "velocity"):
         self.text_encoder = CLIPTextModel(text_config, rngs=rngs)
         self.transformer = MMDiT(model_config, rngs=rngs, dtype=dtype)
+        self.prediction = check_prediction(prediction)  # what the transformer's output means
 
     def encode(self, tokens):
         out = self.text_encoder(tokens)
         return out.last_hidden_state, out.text_embeds
 
     def velocity(self, x, sigma, tokens):
-        ctx, pooled = self.encode(tokens)
-        return self.transformer(x, sigma * 1000.0, ctx, pooled).astype(jnp.float32)
+        return self.velocity_from_embeddings(x, sigma, *self.encode(tokens))
+
+    def velocity_from_embeddings(self, x, sigma, ctx, pooled):
+        return to_velocity(self.transformer(x, sigma * 1000.0, ctx, pooled), x, sigma, self.prediction)
 
 
-def flow_matching_loss(model: TextToImage, pixels, tokens, key, *, logit_mean=0.0, logit_std=1.0):
+def flow_matching_loss(model: TextToImage, pixels, tokens, key, *, logit_mean=0.0, logit_std=1.0, shift=1.0):
     k_sigma, k_eps = jax.random.split(key)
     b = pixels.shape[0]
     sigma = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(k_sigma, (b,)))
+    # SD3's resolution shift, applied to training sigmas too: objects span ~100 pixels here, so the
+    # layout is decided at sigma > 0.9, which logit-normal(0, 1) alone almost never trains.
+    sigma = shift * sigma / (1 + (shift - 1) * sigma)
     eps = jax.random.normal(k_eps, pixels.shape)
     s = sigma[:, None, None, None]
     v = model.velocity((1 - s) * pixels + s * eps, sigma, tokens)
@@ -69,11 +77,10 @@ def sample(model: TextToImage, tokens, empty_tokens, noise, *, num_steps, shift,
     neg_ctx, neg_pooled = model.encode(jnp.broadcast_to(empty_tokens, tokens.shape))
 
     def velocity(x, sigma):
-        t = sigma * 1000.0
         if guidance == 1.0:
-            return model.transformer(x, t, ctx, pooled)
-        v = model.transformer(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                              jnp.concatenate([neg_ctx, ctx]), jnp.concatenate([neg_pooled, pooled]))
+            return model.velocity_from_embeddings(x, sigma, ctx, pooled)
+        v = model.velocity_from_embeddings(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]),
+                                           jnp.concatenate([neg_ctx, ctx]), jnp.concatenate([neg_pooled, pooled]))
         v_u, v_c = jnp.split(v, 2)
         return v_u + guidance * (v_c - v_u)
 
@@ -99,6 +106,17 @@ def evaluate(model, prompts, key, *, num_steps, shift, guidance, samples_per_pro
     return metrics, np.asarray(images), acc, [p.text for p in prompts]
 
 
+def draw_captions(rng: np.random.Generator, tasks: np.ndarray, n: int, *, balance: bool) -> np.ndarray:
+    """Indices of `n` captions: uniform over captions, or (balance) a uniform task, then a uniform caption
+    of it. The world has 18 single-object captions and 1080 position ones, so without balancing the
+    model would rarely see a caption that asks for one object."""
+    if not balance:
+        return rng.integers(0, len(tasks), n)
+    names = np.unique(tasks)
+    picked = names[rng.integers(0, len(names), n)]
+    return np.asarray([rng.choice(np.flatnonzero(tasks == name)) for name in picked])
+
+
 def pretrain(config, workdir) -> Path:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +126,7 @@ def pretrain(config, workdir) -> Path:
     if model_cfg.in_channels != 3 or model_cfg.sample_size != c.image_size:
         raise ValueError("the shapes model works on RGB pixels: model.in_channels must be 3 and model.sample_size "
                          f"must equal image_size={c.image_size}")
-    model = TextToImage(text_cfg, model_cfg, rngs=nnx.Rngs(c.seed))
+    model = TextToImage(text_cfg, model_cfg, rngs=nnx.Rngs(c.seed), prediction=c.prediction)
     graphdef, params = nnx.split(model)
     if not 0 <= t.warmup_steps < t.steps:
         raise ValueError(f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
@@ -121,7 +139,7 @@ def pretrain(config, workdir) -> Path:
     @jax.jit
     def train_step(params, opt_state, ema, pixels, tokens, key, step):
         loss_fn = lambda p: flow_matching_loss(nnx.merge(graphdef, p), pixels, tokens, key,
-                                               logit_mean=t.logit_mean, logit_std=t.logit_std)
+                                               logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.shift)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -133,6 +151,7 @@ def pretrain(config, workdir) -> Path:
     prompts = shapes.all_prompts()  # the world's caption data; RL later trains on the train split only
     specs = shapes.specs_of(prompts)
     texts = np.asarray([p.text for p in prompts])
+    tasks = np.asarray([p.task for p in prompts])
     heldout = shapes.split_prompts(c.held_out_fraction, c.split_seed)["heldout"]
     rng = np.random.default_rng(c.seed)
     key = jax.random.key(c.seed)
@@ -149,7 +168,7 @@ def pretrain(config, workdir) -> Path:
     bar = tqdm(range(1, t.steps + 1), desc="pretraining", unit="step")
     losses, t0 = [], time.perf_counter()
     for step in bar:
-        idx = rng.integers(0, len(prompts), t.batch_size)
+        idx = draw_captions(rng, tasks, t.batch_size, balance=t.balance_tasks)
         captions = np.where(rng.random(t.batch_size) < t.caption_dropout, "", texts[idx])
         pixels = images_to_pixels(shapes.render_batch(specs[idx], rng, c.image_size))
         key, sub = jax.random.split(key)
@@ -168,9 +187,9 @@ def pretrain(config, workdir) -> Path:
     plots.plot_metrics(workdir / "metrics.jsonl", workdir / "pretrain_curves.png",
                        keys=("loss", "eval/accuracy", *(f"eval/accuracy_{k}" for k in shapes.TASKS)))
     final = nnx.merge(graphdef, ema)
-    meta = dict(image_size=c.image_size, sample=dict(num_steps=e.num_steps, shift=e.shift, guidance=e.guidance),
+    meta = dict(image_size=c.image_size, prediction=c.prediction, sample=dict(num_steps=e.num_steps, shift=e.shift, guidance=e.guidance),
                 held_out_fraction=c.held_out_fraction, split_seed=c.split_seed,
-                pretrain=dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay,
+                pretrain=dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay, shift=t.shift, balance_tasks=t.balance_tasks,
                               seed=c.seed, wall_clock_s=round(time.perf_counter() - t0, 1)))
     return save_base(workdir / "base", final.text_encoder, final.transformer, meta)
 

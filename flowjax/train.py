@@ -59,7 +59,7 @@ def _build_shapes(config, workdir, mesh, dtype) -> Trainer:
                          f"{tuple(config.sample.latent_size)}")
     split = shapes.split_prompts(meta["held_out_fraction"], meta["split_seed"])
     world = ShapesWorld(text_encoder, split["train"], image_size=size, eval_prompts=split["heldout"])
-    return Trainer(config, workdir, model=model, world=world, mesh=mesh)
+    return Trainer(config, workdir, model=model, world=world, mesh=mesh, prediction=meta.get("prediction", "velocity"))
 
 
 _FLAX_REWARDS = ("pickscore", "clipscore", "aesthetic", "hpsv2")

@@ -29,6 +29,7 @@ from flowjax import plots, sampling
 from flowjax import sharding as sharding_lib
 from flowjax.data.sampler import KRepeatSampler
 from flowjax.models import lora
+from flowjax.models.prediction import check_prediction, to_velocity
 from flowjax.rl import advantages as adv_lib
 from flowjax.rl import awm, nft, steps
 
@@ -134,10 +135,15 @@ class MetricsWriter:
 
 
 class Trainer:
-    """Wires model, world (conditioning + reward), sampler, optimizer, mesh and checkpoints from a config."""
+    """Wires model, world (conditioning + reward), sampler, optimizer, mesh and checkpoints from a config.
 
-    def __init__(self, config, workdir, *, model: nnx.Module, world, mesh=None):
+    `prediction` says what the model outputs ("velocity" as SD3.5, or "sample": the clean image, as
+    the shapes base model); samplers and losses always see the velocity (flowjax.models.prediction).
+    """
+
+    def __init__(self, config, workdir, *, model: nnx.Module, world, mesh=None, prediction: str = "velocity"):
         validate(config)
+        check_prediction(prediction)
         self.config, self.world = config, world
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +177,11 @@ class Trainer:
         params = sharding_lib.shard_state(params, self.mesh, rules)
         self.frozen = sharding_lib.shard_state(frozen, self.mesh, rules)
         self.ref_params = lora.disabled(params) if config.lora.rank > 0 else params
-        self.apply = lambda p, *a, frozen: nnx.merge(graphdef, p, frozen)(*a)
+        def apply(p, x, timesteps, ctx, pooled, *, frozen):
+            out = nnx.merge(graphdef, p, frozen)(x, timesteps, ctx, pooled)
+            return to_velocity(out, x, timesteps / 1000.0, prediction)
+
+        self.apply = apply
 
         self.optimizer = optax.MultiSteps(
             optax.chain(
