@@ -1,4 +1,4 @@
-"""python -m flowjax.train --config=configs/toy.py:grpo --workdir=runs/toy [--config.train.lr=1e-3 ...]
+"""python -m flowjax.train --config=configs/shapes.py --workdir=runs/shapes [--config.train.lr=1e-4 ...]
 
 Writes WORKDIR/metrics.jsonl (one JSON object per logged step; `eval/...` keys on evaluations) and
 WORKDIR/checkpoints/; rerunning with the same workdir resumes from the last checkpoint.
@@ -19,13 +19,18 @@ from flowjax.data.toy import ToyWorld
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 from flowjax.rl.trainer import Trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/toy.py:grpo", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (metrics, checkpoints); reused to resume")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-host GPU runs")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "initialise jax.distributed from the environment (TPU pods, SLURM)")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_flags():
+    """Command-line flags, defined only when run as a program, so that `from flowjax.train import build`
+    (flowjax.compare, notebooks) leaves the importer's own flags alone."""
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/toy.py:grpo", lock_config=True)
+    flags.DEFINE_string("workdir", None, "output folder (metrics, checkpoints); reused to resume")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-host GPU runs")
+    flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
+    flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
+    flags.DEFINE_bool("multihost", False, "initialise jax.distributed from the environment (TPU pods, SLURM)")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def build(config, workdir, mesh=None) -> Trainer:
@@ -191,11 +196,12 @@ def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
 
 def main(argv):
     del argv
-    if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif _MULTIHOST.value:
+    f = flags.FLAGS
+    if f.coordinator or (f.num_processes or 1) > 1:
+        jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+    elif f.multihost:
         jax.distributed.initialize()
-    trainer = build(_CONFIG.value, _WORKDIR.value)
+    trainer = build(f.config, f.workdir)
     try:
         trainer.train()
     finally:
@@ -203,4 +209,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
