@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from flowjax import plots, sampling
 from flowjax.data import shapes
-from flowjax.data.shapes_world import images_to_pixels, pixels_to_images, save_base
+from flowjax.data.shapes_world import images_to_pixels, load_base, pixels_to_images, save_base
 from flowjax.models.clip import CLIPTextConfig, CLIPTextModel
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 from flowjax.models.prediction import check_prediction, to_velocity
@@ -41,11 +41,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
 class TextToImage(nnx.Module):
     """Text encoder + transformer trained as one module; `velocity(x, sigma, tokens)`."""
 
-    def __init__(self, text_config: CLIPTextConfig, model_config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 prediction: str = "velocity"):
-        self.text_encoder = CLIPTextModel(text_config, rngs=rngs)
-        self.transformer = MMDiT(model_config, rngs=rngs, dtype=dtype)
+    def __init__(self, text_encoder: CLIPTextModel, transformer: MMDiT, prediction: str = "velocity"):
+        self.text_encoder, self.transformer = text_encoder, transformer
         self.prediction = check_prediction(prediction)  # what the transformer's output means
+
+    @classmethod
+    def create(cls, text_config: CLIPTextConfig, model_config: MMDiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               prediction: str = "velocity") -> "TextToImage":
+        """Randomly initialised, for pretraining."""
+        return cls(CLIPTextModel(text_config, rngs=rngs), MMDiT(model_config, rngs=rngs, dtype=dtype), prediction)
+
+    @classmethod
+    def load(cls, path=None) -> "TextToImage":
+        """A base-model folder (default: the shipped one) and its meta (shapes.json)."""
+        text_encoder, transformer, meta = load_base(path)
+        return cls(text_encoder, transformer, meta.get("prediction", "velocity")), meta
 
     def encode(self, tokens):
         out = self.text_encoder(tokens)
@@ -126,7 +136,7 @@ def pretrain(config, workdir) -> Path:
     if model_cfg.in_channels != 3 or model_cfg.sample_size != c.image_size:
         raise ValueError("the shapes model works on RGB pixels: model.in_channels must be 3 and model.sample_size "
                          f"must equal image_size={c.image_size}")
-    model = TextToImage(text_cfg, model_cfg, rngs=nnx.Rngs(c.seed), prediction=c.prediction)
+    model = TextToImage.create(text_cfg, model_cfg, rngs=nnx.Rngs(c.seed), prediction=c.prediction)
     graphdef, params = nnx.split(model)
     if not 0 <= t.warmup_steps < t.steps:
         raise ValueError(f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
