@@ -53,8 +53,9 @@ def test_shipped_base_model_is_readable_by_diffusers_and_transformers():
     t = np.asarray([300.0, 800.0], np.float32)
     v = transformer(jnp.asarray(x), jnp.asarray(t), ours.last_hidden_state, ours.text_embeds)
     with torch.no_grad():
-        ref = ref_model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
-                        theirs.last_hidden_state, theirs.text_embeds).sample.permute(0, 2, 3, 1).numpy()
+        ref = ref_model(hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2), timestep=torch.from_numpy(t),
+                        encoder_hidden_states=theirs.last_hidden_state,
+                        pooled_projections=theirs.text_embeds).sample.permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(np.asarray(v, np.float32), ref, rtol=1e-3, atol=1e-3)
 
 
