@@ -111,20 +111,21 @@ def evaluate(model, prompts, key, *, num_steps, shift, guidance, samples_per_pro
     scores = jax.jit(shapes_reward.score)(images, jnp.asarray(shapes.specs_of(prompts)))
     acc = np.asarray(scores["accuracy"])
     tasks = np.asarray([p.task for p in prompts])
+    by_task = [np.flatnonzero(tasks == name) for name in np.unique(tasks)]
     metrics = {"eval/accuracy": acc.mean(), "eval/reward_mean": float(np.mean(scores["reward"]))}
     metrics.update({f"eval/accuracy_{t}": acc[tasks == t].mean() for t in shapes.TASKS if (tasks == t).any()})
     return metrics, np.asarray(images), acc, [p.text for p in prompts]
 
 
-def draw_captions(rng: np.random.Generator, tasks: np.ndarray, n: int, *, balance: bool) -> np.ndarray:
-    """Indices of `n` captions: uniform over captions, or (balance) a uniform task, then a uniform caption
-    of it. The world has 18 single-object captions and 1080 position ones, so without balancing the
-    model would rarely see a caption that asks for one object."""
+def draw_captions(rng: np.random.Generator, by_task: list[np.ndarray], n: int, *, balance: bool) -> np.ndarray:
+    """Indices of `n` captions, given the caption indices of each task (`by_task`, computed once): uniform
+    over captions, or (balance) a uniform task, then a uniform caption of it. The world has 18
+    single-object captions and 1080 position ones, so without balancing the model would rarely see a
+    caption that asks for one object."""
     if not balance:
-        return rng.integers(0, len(tasks), n)
-    names = np.unique(tasks)
-    picked = names[rng.integers(0, len(names), n)]
-    return np.asarray([rng.choice(np.flatnonzero(tasks == name)) for name in picked])
+        return rng.integers(0, sum(len(g) for g in by_task), n)
+    picked = rng.integers(0, len(by_task), n)
+    return np.asarray([rng.choice(by_task[i]) for i in picked])
 
 
 def pretrain(config, workdir) -> Path:
@@ -162,6 +163,7 @@ def pretrain(config, workdir) -> Path:
     specs = shapes.specs_of(prompts)
     texts = np.asarray([p.text for p in prompts])
     tasks = np.asarray([p.task for p in prompts])
+    by_task = [np.flatnonzero(tasks == name) for name in np.unique(tasks)]
     heldout = shapes.split_prompts(c.held_out_fraction, c.split_seed)["heldout"]
     rng = np.random.default_rng(c.seed)
     key = jax.random.key(c.seed)
@@ -178,7 +180,7 @@ def pretrain(config, workdir) -> Path:
     bar = tqdm(range(1, t.steps + 1), desc="pretraining", unit="step")
     losses, t0 = [], time.perf_counter()
     for step in bar:
-        idx = draw_captions(rng, tasks, t.batch_size, balance=t.balance_tasks)
+        idx = draw_captions(rng, by_task, t.batch_size, balance=t.balance_tasks)
         captions = np.where(rng.random(t.batch_size) < t.caption_dropout, "", texts[idx])
         pixels = images_to_pixels(shapes.render_batch(specs[idx], rng, c.image_size))
         key, sub = jax.random.split(key)
