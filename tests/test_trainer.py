@@ -10,7 +10,7 @@ import pytest
 
 from configs import toy
 from flowjax import sharding
-from flowjax.rl.trainer import validate
+from flowjax.rl.trainer import learning_rate, validate
 from flowjax.train import build
 
 
@@ -95,12 +95,22 @@ def test_resume_continues_exactly(tmp_path):
     (lambda c: (c.update(method="nft"), c.sample.update(kind="ode", guidance=4.5)), "CFG-free"),
     (lambda c: c.train.update(minibatches=3), "not divisible"),
     (lambda c: c.update(method="ppo"), "method must be one of"),
+    (lambda c: c.train.update(lr_schedule="linear"), "lr_schedule must be one of"),
 ])
 def test_invalid_configs_are_refused(edit, message):
     c = config("grpo")
     edit(c)
     with pytest.raises(ValueError, match=message):
         validate(c)
+
+
+def test_cosine_learning_rate_decays_to_zero_over_the_run():
+    c = config("grpo", steps=10, minibatches=2)
+    assert learning_rate(c.train) == c.train.lr  # constant unless asked
+    c.train.lr_schedule = "cosine"
+    lr = learning_rate(c.train)
+    updates = c.train.steps * c.train.minibatches // c.train.grad_accum
+    np.testing.assert_allclose([lr(0), lr(updates // 2), lr(updates)], [c.train.lr, c.train.lr / 2, 0.0], atol=1e-12)
 
 
 def test_batch_must_fit_the_devices(tmp_path):

@@ -65,6 +65,20 @@ class MethodConfig:
     kl_beta: float = 0.0
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(train):
+    """`train.lr`, constant (the references) or, with `train.lr_schedule="cosine"`, decayed to 0 over the
+    run's optimizer updates (steps x minibatches / grad_accum): a short run then ends where its
+    updates are small instead of mid-stride."""
+    kind = train.get("lr_schedule", "constant")
+    if kind == "constant":
+        return train.lr
+    updates = max(1, train.steps * train.minibatches // train.grad_accum)
+    return optax.cosine_decay_schedule(train.lr, updates)
+
+
 def validate(config) -> None:
     """Refuses impossible or contradictory configs with a message naming the fix."""
     m, s, t = config.method, config.sample, config.train
@@ -82,6 +96,8 @@ def validate(config) -> None:
         raise ValueError("DiffusionNFT samples CFG-free: set sample.guidance=1.0")
     if m == "grpo" and int(s.num_steps * t.timestep_fraction) < 1 and not s.window_size:
         raise ValueError("train.timestep_fraction * sample.num_steps leaves no timestep to train")
+    if t.get("lr_schedule", "constant") not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
     batch = t.prompts_per_batch * t.group_size
     if batch % t.minibatches:
         raise ValueError(f"the batch ({t.prompts_per_batch} prompts x {t.group_size}) = {batch} is not divisible "
@@ -186,7 +202,8 @@ class Trainer:
         self.optimizer = optax.MultiSteps(
             optax.chain(
                 optax.clip_by_global_norm(t.max_grad_norm),
-                optax.adamw(t.lr, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay),
+                optax.adamw(learning_rate(t), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                            weight_decay=t.weight_decay),
             ),
             every_k_schedule=t.grad_accum,
         )
