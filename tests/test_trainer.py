@@ -96,6 +96,7 @@ def test_resume_continues_exactly(tmp_path):
     (lambda c: c.train.update(minibatches=3), "not divisible"),
     (lambda c: c.update(method="ppo"), "method must be one of"),
     (lambda c: c.train.update(lr_schedule="linear"), "lr_schedule must be one of"),
+    (lambda c: c.sample.update(window_size=2, window_max_start=c.sample.num_steps - 1), "window_max_start"),
 ])
 def test_invalid_configs_are_refused(edit, message):
     c = config("grpo")

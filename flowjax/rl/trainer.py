@@ -92,6 +92,10 @@ def validate(config) -> None:
         raise ValueError(f"sample.window_size (MixGRPO) applies to method 'grpo' only, not {m!r}")
     if s.window_size and not 1 <= s.window_size <= s.num_steps:
         raise ValueError(f"sample.window_size must be in [1, sample.num_steps={s.num_steps}], got {s.window_size}")
+    max_start = s.get("window_max_start")
+    if s.window_size and max_start is not None and not 0 <= max_start <= s.num_steps - s.window_size:
+        raise ValueError(f"sample.window_max_start must be in [0, num_steps - window_size = "
+                         f"{s.num_steps - s.window_size}], got {max_start}")
     if m == "nft" and s.guidance != 1.0:
         raise ValueError("DiffusionNFT samples CFG-free: set sample.guidance=1.0")
     if m == "grpo" and int(s.num_steps * t.timestep_fraction) < 1 and not s.window_size:
@@ -378,7 +382,8 @@ class Trainer:
         prompt_ids, group_ids = self.sampler.batch(step)
         key = jax.random.fold_in(self.state.key, step)
         k_noise, k_sample, k_window, k_perm, k_train = jax.random.split(key, 5)
-        window_start = (sampling.sample_window(k_window, c.sample.num_steps, c.sample.window_size)[0]
+        window_start = (sampling.sample_window(k_window, c.sample.num_steps, c.sample.window_size,
+                                               max_start=c.sample.get("window_max_start"))[0]
                         if c.sample.window_size else jnp.zeros((), jnp.int32))
         cond = self._cond(prompt_ids)
         sample_params = self.state.old_params if c.method == "nft" else self.state.params
