@@ -72,6 +72,17 @@ def test_readme_demo_shortened(tmp_path):
     assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
+@pytest.mark.slow
+def test_readme_demo_raises_held_out_accuracy(tmp_path):
+    """The README's first command as it is (about 5 minutes on 2 cores): held-out strict accuracy rises by
+    at least 0.15 over the shipped base (measured: 0.389 -> 0.580 for seed 0)."""
+    run("-m", "flowjax.train", "--config=configs/shapes.py", f"--workdir={tmp_path}", "--config.tensorboard=False",
+        timeout=1800)
+    evals = [x for x in rows(tmp_path) if "eval/accuracy" in x]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 200
+    assert evals[-1]["eval/accuracy"] - evals[0]["eval/accuracy"] >= 0.15, evals
+
+
 def test_missing_base_model_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flowjax.train", "--config=configs/shapes.py", f"--workdir={tmp_path}",
                            f"--config.world.base={tmp_path / 'nowhere'}"], cwd=ROOT, env=ENV, capture_output=True,
