@@ -1,26 +1,13 @@
 """python -m flowjax.pretrain: flow-matching pretraining of the shapes world's base model, end to end on a
 tiny config (text encoder + MMDiT trained jointly, evaluation, grids, the diffusers-format base folder)."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 from flowjax.data.shapes_world import load_base
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device, as on a laptop
-
-
-def run(*args, cwd=ROOT, timeout=900):
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def rows(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_runs import rows, run  # noqa: E402
 
 
 def test_pretrain_entry_point_writes_a_loadable_base(tmp_path):

@@ -1,7 +1,6 @@
 """The demo of the README: pretraining entry point, the shipped base model, a shortened RL run of
 configs/shapes.py, the method comparison, and the quickstart notebook (executed headless)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -14,18 +13,8 @@ import pytest
 from flowjax.data import shapes
 from flowjax.data.shapes_world import BASE_MODEL, load_base
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device, as on a laptop
-
-
-def run(*args, cwd=ROOT, timeout=900):
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def rows(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_runs import ENV, ROOT, rows, run  # noqa: E402
 
 
 def test_shipped_base_model_loads_and_is_small():

@@ -1,8 +1,8 @@
 """The RL loop end to end on the toy world: rewards rise, on-policy ratio, sharding, resume, config checks."""
 
-import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,15 +13,14 @@ from flowjax import sharding
 from flowjax.rl.trainer import learning_rate, validate
 from flowjax.train import build
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_runs import rows as read_metrics  # noqa: E402
+
 
 def config(variant="grpo", **train):
     c = toy.get_config(variant)
     c.train.update(train)
     return c
-
-
-def read_metrics(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def single_device_mesh():
