@@ -74,7 +74,7 @@ def flow_matching_loss(model: TextToImage, pixels, tokens, key, *, logit_mean=0.
     sigma = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(k_sigma, (b,)))
     # SD3's resolution shift, applied to training sigmas too: objects span ~100 pixels here, so the
     # layout is decided at sigma > 0.9, which logit-normal(0, 1) alone almost never trains.
-    sigma = shift * sigma / (1 + (shift - 1) * sigma)
+    sigma = sampling.time_shift(sigma, shift)
     eps = jax.random.normal(k_eps, pixels.shape)
     s = sigma[:, None, None, None]
     v = model.velocity((1 - s) * pixels + s * eps, sigma, tokens)
@@ -111,7 +111,6 @@ def evaluate(model, prompts, key, *, num_steps, shift, guidance, samples_per_pro
     scores = jax.jit(shapes_reward.score)(images, jnp.asarray(shapes.specs_of(prompts)))
     acc = np.asarray(scores["accuracy"])
     tasks = np.asarray([p.task for p in prompts])
-    by_task = [np.flatnonzero(tasks == name) for name in np.unique(tasks)]
     metrics = {"eval/accuracy": acc.mean(), "eval/reward_mean": float(np.mean(scores["reward"]))}
     metrics.update({f"eval/accuracy_{t}": acc[tasks == t].mean() for t in shapes.TASKS if (tasks == t).any()})
     return metrics, np.asarray(images), acc, [p.text for p in prompts]

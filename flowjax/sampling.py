@@ -41,6 +41,12 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 # --------------------------------------------------------------------------- schedule
 
 
+def time_shift(s, shift: float):
+    """SD3's resolution shift of sigmas in [0, 1] (numpy or JAX arrays): shift s / (1 + (shift - 1) s),
+    which moves them towards the noise end for shift > 1."""
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
 def sigmas(num_steps: int, shift: float = 3.0) -> jnp.ndarray:
     """The sigma schedule `[num_steps + 1]` (float32), ending in 0.
 
@@ -68,7 +74,7 @@ def sigmas(num_steps: int, shift: float = 3.0) -> jnp.ndarray:
     # the shift applied to an already shifted linspace, as DESIGN.md's reference maths says).
     t = np.linspace(sigma_max * _NUM_TRAIN_TIMESTEPS, sigma_min * _NUM_TRAIN_TIMESTEPS, num_steps)
     s = t / _NUM_TRAIN_TIMESTEPS
-    s = shift * s / (1.0 + (shift - 1.0) * s)
+    s = time_shift(s, shift)
     return jnp.asarray(np.append(s.astype(np.float32), np.float32(0.0)))
 
 

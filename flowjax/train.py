@@ -20,7 +20,6 @@ from flowjax.models.mmdit import MMDiT, MMDiTConfig
 from flowjax.rl.trainer import Trainer
 
 
-
 def _define_flags():
     """Command-line flags, defined only when run as a program, so that `from flowjax.train import build`
     (flowjax.compare, notebooks) leaves the importer's own flags alone."""
