@@ -7,7 +7,7 @@ logit-normal; captions dropped with `caption_dropout` so classifier-free guidanc
 the weights is what gets evaluated and saved.
 
 Writes WORKDIR/metrics.jsonl (loss; held-out strict accuracy per task at every evaluation),
-WORKDIR/samples/step_XXXXXX.png, WORKDIR/base/ (the base-model folder `flowjax.data.shapes_world.load_base`
+WORKDIR/samples/step_XXXXXX.png, WORKDIR/base/ (the base-model folder `flowjax.worlds.shapes.load_base`
 reads; copy it to flowjax/assets/shapes_base to ship it).
 """
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from flowjax import plots, sampling
 from flowjax.data import shapes
-from flowjax.data.shapes_world import images_to_pixels, load_base, pixels_to_images, save_base
+from flowjax.worlds.shapes import images_to_pixels, load_base, pixels_to_images, save_base
 from flowjax.models.clip import CLIPTextConfig, CLIPTextModel
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 from flowjax.models.prediction import check_prediction, to_velocity

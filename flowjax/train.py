@@ -15,7 +15,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from flowjax.data.toy import ToyWorld
+from flowjax.worlds.toy import ToyWorld
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 from flowjax.rl.trainer import Trainer
 
@@ -54,7 +54,7 @@ def build(config, workdir, mesh=None) -> Trainer:
 
 def _build_shapes(config, workdir, mesh, dtype) -> Trainer:
     from flowjax.data import shapes
-    from flowjax.data.shapes_world import ShapesWorld, load_base
+    from flowjax.worlds.shapes import ShapesWorld, load_base
 
     text_encoder, model, meta = load_base(config.world.base or None, dtype=dtype)
     size = meta["image_size"]
@@ -150,7 +150,8 @@ def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
     from pathlib import Path
 
     from flowjax import sharding as sharding_lib
-    from flowjax.data.sd3_world import SD3World, load_prompts
+    from flowjax.data.prompts import load_prompts
+    from flowjax.worlds.sd3 import SD3World
     from flowjax.pipeline import SD3Pipeline
 
     w = config.world

@@ -269,7 +269,7 @@ def test_multi_reward_components(tiny, servers):
     """A MultiReward of a jittable and a host reward: the weighted total and each component by name."""
     from flowjax import rewards
     from flowjax.data.prompts import load_prompt_folder
-    from flowjax.data.sd3_world import SD3World
+    from flowjax.worlds.sd3 import SD3World
     from flowjax.pipeline import SD3Pipeline
 
     pipe = SD3Pipeline.from_pretrained(tiny["model"], dtype=jnp.float32)

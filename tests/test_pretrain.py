@@ -4,7 +4,7 @@ tiny config (text encoder + MMDiT trained jointly, evaluation, grids, the diffus
 import sys
 from pathlib import Path
 
-from flowjax.data.shapes_world import load_base
+from flowjax.worlds.shapes import load_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_runs import rows, run  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from flowjax.data import shapes
-from flowjax.data.shapes_world import ShapesWorld, images_to_pixels
+from flowjax.worlds.shapes import ShapesWorld, images_to_pixels
 from flowjax.models.clip import CLIPTextConfig, CLIPTextModel
 from flowjax.rewards import shapes as reward
 

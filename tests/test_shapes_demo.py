@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flowjax.data import shapes
-from flowjax.data.shapes_world import BASE_MODEL, load_base
+from flowjax.worlds.shapes import BASE_MODEL, load_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_runs import ENV, ROOT, rows, run  # noqa: E402

@@ -1,1 +1,3 @@
-"""Prompt sets, the k-repeat group sampler and the toy worlds that the RL loop can run on."""
+"""Prompt sets (files, generators, TFDS builders), the shapes scenes and the k-repeat group sampler.
+
+Nothing here imports a reward or a model: the worlds (`flowjax.worlds`) join prompts to them."""

@@ -25,6 +25,7 @@ import operator
 import os
 import re
 import warnings
+from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -268,3 +269,56 @@ def load_prompt_folder(path: str | os.PathLike, split: str = "train", kind: str 
         os.path.basename(txt) if kind else f"{os.path.basename(jsonl)} or {os.path.basename(txt)}")
     found = sorted(prompt_folder_splits(path)) if os.path.isdir(path) else "no such folder"
     raise FileNotFoundError(f"no {wanted} in {path} (splits there: {found})")
+
+
+def load_prompts(folder: str | None, kind: str = "geneval", *, train_split: str = "train",
+                 eval_split: str = "test", generate_train: int = 5000, generate_test: int = 500,
+                 generate_seed: int = 0) -> tuple[PromptSet, PromptSet | None]:
+    """(train prompts, eval prompts or None) of a prompt folder, or generated GenEval prompts.
+
+    folder: a folder with `{split}_metadata.jsonl` (GenEval) or `{split}.txt` (OCR / plain lines), as
+      Flow-GRPO's `dataset/{geneval,ocr,pickscore}`; the eval split is read when the folder has it.
+      Empty / None with kind "geneval": `generate_train` + `generate_test` GenEval-style prompts
+      (`generate_geneval`: flowjax.data.geneval's generator, disjoint splits, deterministic in `generate_seed`).
+    kind: "geneval", "ocr" or "plain".
+    """
+    if kind not in ("geneval", "ocr", "plain"):
+        raise ValueError(f"prompt kind must be 'geneval', 'ocr' or 'plain', got {kind!r}")
+    if not folder:
+        if kind != "geneval":
+            raise ValueError(f"no prompt folder given for {kind!r} prompts: set config.world.prompts to a folder "
+                             f"with {train_split}.txt (and {eval_split}.txt), e.g. Flow-GRPO's dataset/"
+                             f"{'ocr' if kind == 'ocr' else 'pickscore'}")
+        return generate_geneval(int(generate_train), int(generate_test), seed=int(generate_seed))
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"prompt folder {folder} does not exist (config.world.prompts); give a folder with "
+                                f"{train_split}_metadata.jsonl or {train_split}.txt")
+    train = load_prompt_folder(folder, train_split, kind)
+    evaluation = None
+    if eval_split and eval_split in prompt_folder_splits(folder):
+        evaluation = load_prompt_folder(folder, eval_split, kind)
+    return train, evaluation
+
+
+def generate_geneval(n_train: int, n_test: int, seed: int = 0) -> tuple[PromptSet, PromptSet | None]:
+    """GenEval-style (train, test) prompts, the six tasks in turn, deterministic in `seed`.
+
+    The test prompts are distinct (at most 480: single_object has 80); the training prompts are drawn
+    with repetition allowed (counting has only 240 distinct prompts, single_object 80), never a test
+    prompt, so any number can be asked for.
+    """
+    from flowjax.data import geneval
+
+    test = geneval.generate(n_test, seed=seed) if n_test > 0 else None
+    avoid = set(test.texts()) if test is not None else set()
+    rows, k = [], 0
+    while len(rows) < n_train:
+        batch = geneval.generate(n_train, seed=seed + 1 + k, unique=False)
+        rows += [m for m in batch.metadata() if m["prompt"] not in avoid][:n_train - len(rows)]
+        k += 1
+    return PromptSet.from_metadata(rows, source="generated"), test
+
+
+def reward_prompts(prompts: PromptSet) -> list[dict]:
+    """What a reward sees of each prompt: `{"prompt": text, **metadata}`."""
+    return [{"prompt": r.prompt, **{k: v for k, v in r.metadata.items() if k != "prompt"}} for r in prompts]

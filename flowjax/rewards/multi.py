@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from flowjax.rewards.remote import _host_score, as_jax
+from flowjax.rewards.remote import host_score, as_jax
 
 __all__ = ["MultiReward"]
 
@@ -106,7 +106,7 @@ class MultiReward:
         n = np.shape(images)[0]
         comps, metrics = {}, {}
         for name in self.names:
-            scores, extra = _host_score(self.rewards[name], images, prompts)
+            scores, extra = host_score(self.rewards[name], images, prompts)
             scores = np.asarray(scores, np.float32)
             self._check(name, scores, n)
             comps[name] = scores

@@ -481,7 +481,7 @@ def _lookup_fn(prompts) -> Callable[[np.ndarray], list]:
     return lookup
 
 
-def _host_score(reward, images, prompts):
+def host_score(reward, images, prompts):
     # Jittable rewards have score(params, pixels, tokens); on the host they are called as reward(images, prompts).
     if hasattr(reward, "score") and callable(reward.score) and not getattr(reward, "jittable", False):
         return reward.score(images, prompts)
@@ -517,7 +517,7 @@ def as_jax(reward, prompts, *, metrics: Sequence[str] = (), sharding=None):
     def host_fn(images, ids):
         ids = np.asarray(ids)
         flat_images = np.asarray(images, np.float32).reshape((-1,) + images.shape[-3:])
-        scores, found = _host_score(reward, flat_images, lookup(ids.reshape(-1)))
+        scores, found = host_score(reward, flat_images, lookup(ids.reshape(-1)))
         scores = np.asarray(scores, np.float32)
         if scores.shape != (ids.size,):
             raise ValueError(f"{type(reward).__name__} returned scores of shape {scores.shape} for {ids.size} images")

@@ -109,17 +109,9 @@ def validate(config) -> None:
 
 
 def world_scores(world, samples, prompt_ids, world_state=None) -> dict:
-    """Per-sample scores of a world: {"reward": [B], ...} (strict accuracy, reward components).
-
-    A world with `score(samples, ids, state=)` gives them in one pass, with its weights (VAE, reward
-    models) passed in as `state` rather than closed over, so they are jit arguments, not constants.
-    """
-    if hasattr(world, "score"):
-        return dict(world.score(samples, prompt_ids, state=world_state))
-    out = {"reward": world.reward(samples, prompt_ids)}
-    if hasattr(world, "accuracy"):
-        out["accuracy"] = world.accuracy(samples, prompt_ids)
-    return out
+    """Per-sample scores of a world: {"reward": [B], ...} (strict accuracy, reward components), with its
+    weights (VAE, reward models) passed in as `world_state` so they are jit arguments, not constants."""
+    return dict(world.score(samples, prompt_ids, state=world_state))
 
 
 class MetricsWriter:

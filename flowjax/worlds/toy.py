@@ -45,3 +45,8 @@ class ToyWorld:
         _, _, target = self._tables()
         means = samples.astype(jnp.float32).mean(axis=(1, 2))
         return jnp.exp(-jnp.square(means - target[prompt_ids]).mean(-1))
+
+    def score(self, samples, prompt_ids, state=None):
+        """{"reward": [B]} (the world interface of flowjax.worlds); the toy world has no weights."""
+        del state
+        return {"reward": self.reward(samples, prompt_ids)}
