@@ -35,12 +35,13 @@ Flow-GRPO's EMA evaluation copy is not kept.
 
 import ml_collections
 
-from flowjax.recipes import VARIANTS, sd35_medium  # noqa: F401 (VARIANTS: the variants of this file)
+from flowjax.recipes import sd35_medium, variants
+
+VARIANTS = variants("geneval")
 
 
 def get_config(arg: str = "grpo"):
-    # AWM geneval_sd3: 72 prompts x 24, 96 images per update.
-    c = sd35_medium(arg, grpo_beta=0.04, awm_prompts=72, awm_accum=18, awm_beta=0.003)
+    c = sd35_medium(arg, "geneval")
     w, r = c.world, c.reward
     w.prompts = ""  # folder with train_metadata.jsonl / test_metadata.jsonl; "" = generated GenEval prompts
     w.prompt_kind = "geneval"

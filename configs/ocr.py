@@ -41,13 +41,13 @@ not kept.
 
 import ml_collections
 
-from flowjax.recipes import VARIANTS, sd35_medium  # noqa: F401 (VARIANTS: the variants of this file)
+from flowjax.recipes import sd35_medium, variants
+
+VARIANTS = variants("ocr")
 
 
 def get_config(arg: str = "grpo"):
-    # DiffusionNFT sd3_ocr: mix 0.1, decay type 2, two optimizer steps per epoch.
-    c = sd35_medium(arg, grpo_beta=0.04, awm_prompts=72, awm_accum=18, awm_beta=0.003,
-                    nft_mix=0.1, nft_decay_type=2, nft_accum=8)
+    c = sd35_medium(arg, "ocr")
     w, r = c.world, c.reward
     w.prompts = ""  # REQUIRED: folder with train.txt / test.txt (Flow-GRPO's dataset/ocr)
     w.prompt_kind = "ocr"

@@ -39,12 +39,13 @@ Flow-GRPO's EMA evaluation copy is not kept.
 
 import ml_collections
 
-from flowjax.recipes import VARIANTS, sd35_medium  # noqa: F401 (VARIANTS: the variants of this file)
+from flowjax.recipes import sd35_medium, variants
+
+VARIANTS = variants("pickscore")
 
 
 def get_config(arg: str = "grpo"):
-    # AWM pickscore_sd3: 24 prompts x 24, 64 images per update.
-    c = sd35_medium(arg, grpo_beta=0.01, awm_prompts=24, awm_accum=9, awm_beta=1e-4)
+    c = sd35_medium(arg, "pickscore")
     w, r = c.world, c.reward
     w.prompts = ""  # REQUIRED: folder with train.txt / test.txt (Flow-GRPO's dataset/pickscore)
     w.prompt_kind = "plain"

@@ -4,7 +4,8 @@ objects, scored by the verifiable reward of flowjax.rewards.shapes. Runs on a la
   python -m flowjax.train --config=configs/shapes.py --workdir=runs/shapes              # DiffusionNFT (default)
   python -m flowjax.train --config=configs/shapes.py:grpo --workdir=runs/shapes_grpo    # Flow-GRPO
 Variants: grpo (Flow-GRPO, SDE sampler), cps (coefficients-preserving sampler), mixgrpo (SDE window),
-awm (advantage weighted matching), nft (DiffusionNFT). Evaluation is strict accuracy on the held-out
+dance (DanceGRPO: its schedule and kernel, a random 60% of the steps per sample), awm (advantage weighted
+matching), nft (DiffusionNFT). Evaluation is strict accuracy on the held-out
 prompts with ODE sampling from fixed noise (`eval/accuracy` in metrics.jsonl), before the first update
 and every `eval_every` steps; grids of the held-out samples go to samples/.
 """
@@ -12,8 +13,9 @@ and every `eval_every` steps; grids of the held-out samples go to samples/.
 import ml_collections
 
 from flowjax import sharding
+from flowjax.rl.method import method_class
 
-VARIANTS = ("grpo", "cps", "mixgrpo", "awm", "nft")
+VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft")
 
 
 def get_config(arg: str = "nft"):
@@ -22,7 +24,7 @@ def get_config(arg: str = "nft"):
         raise ValueError(f"unknown variant {arg!r}; choose one of {VARIANTS}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.method = {"cps": "grpo", "mixgrpo": "grpo"}.get(arg, arg)
+    c.method = {"cps": "grpo", "mixgrpo": "grpo", "dance": "grpo"}.get(arg, arg)
     c.variant = arg
     c.dtype = "float32"  # CPU: fp32 is faster than emulated bf16
     c.world = dict(name="shapes", base="")  # "" = the base model shipped in flowjax/assets/shapes_base
@@ -36,13 +38,6 @@ def get_config(arg: str = "nft"):
     s = c.sample = ml_collections.ConfigDict()
     s.num_steps = 8
     s.shift = 3.0  # as the base model was trained (configs/shapes_pretrain.py)
-    s.kind = {"cps": "cps", "awm": "ode", "nft": "ode"}.get(arg, "sde")
-    s.noise_level = {"sde": 0.7, "cps": 0.8, "ode": 0.0}[s.kind]
-    s.guidance = 1.0
-    # MixGRPO: a 2-step SDE window inside the first 4 steps (those Flow-GRPO trains here). Measured over 200
-    # steps: a 3-step window anywhere in the 8 steps gained +0.000, a 3-step one inside the first 5 +0.043.
-    s.window_size = 2 if arg == "mixgrpo" else 0
-    s.window_max_start = 2 if arg == "mixgrpo" else ml_collections.config_dict.placeholder(int)
     s.latent_size = (36, 36)
     s.same_noise_per_group = False
     s.eval_num_steps = 16
@@ -63,17 +58,30 @@ def get_config(arg: str = "nft"):
     t.weight_decay = 1e-4
     t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8
     t.max_grad_norm = 1.0
-    t.timestep_fraction = 0.6 if c.method == "grpo" else 0.99
-    t.clip_range = 0.2  # a CPU budget of minutes: larger steps than the published 1e-4
+    t.max_nan_steps = 5
+    c.advantage = dict(std="global", ddof=0, eps=1e-4)
+
     # KL to the base, far above the published SD3.5 values: without it (or with NFT/AWM at 0.01) runs here
     # peaked within 100-150 steps, then drifted into faint "ghost" objects, colour shifts and noise.
-    t.beta = {"grpo": 0.04, "awm": 0.3}.get(c.method, 0.0)
-    t.adv_std = "global"
-    t.adv_clip = 5.0
-    t.max_nan_steps = 5
-    t.awm_p, t.awm_num_train_timesteps, t.awm_ema_beta, t.awm_adv_scale = 0.25, 4, 1.0, 1.0
-    t.awm_ema_max_decay, t.awm_ema_rate = 0.3, 1e-3
-    t.nft_mix, t.nft_kl_beta, t.nft_decay_type = 1.0, 0.3, 1
+    c[c.method] = method_class(c.method).defaults()
+    m = c[c.method]
+    if c.method == "grpo":
+        # CFG-free; a CPU budget of minutes: larger PPO steps than the published 1e-4; the first 60% of the steps.
+        m.update(kind="cps" if arg == "cps" else "dance" if arg == "dance" else "sde", guidance=1.0,
+                 clip_range=0.2, beta=0.04, timestep_fraction=0.6)
+        m.noise_level = {"sde": 0.7, "cps": 0.8, "dance": 0.3}[m.kind]
+        if arg == "mixgrpo":
+            # A 2-step SDE window inside the first 4 steps (those Flow-GRPO trains here). Measured over 200 steps:
+            # a 3-step window anywhere in the 8 steps gained +0.000, a 3-step one inside the first 5 +0.043.
+            m.window.update(size=2, schedule="random", range=(0, 4))
+        if arg == "dance":  # DanceGRPO: its schedule, a random 60% of the steps per sample, unbiased group std
+            m.update(schedule="dance", random_steps=True, beta=0.0)
+            c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
+    elif c.method == "awm":
+        # |A| clipped to 1 then scaled by 5 (adv_scale 1, advantage_max 5): the shapes recipe, not the published one.
+        m.update(num_train_timesteps=4, beta=0.3, adv_scale=1.0, adv_clip=5.0)
+    else:
+        m.update(kl_beta=0.3)
 
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.sharding_rules = sharding.DEFAULT_RULES

@@ -8,6 +8,7 @@ RL core (sampling, advantages, losses, LoRA, sharding, checkpoints) in seconds p
 import ml_collections
 
 from flowjax import sharding
+from flowjax.rl.method import method_class
 
 VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft")
 
@@ -18,6 +19,7 @@ def get_config(arg: str = "grpo"):
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.method = {"cps": "grpo", "mixgrpo": "grpo", "dance": "grpo"}.get(arg, arg)
+    c.variant = arg
 
     c.model = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                    num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=16,
@@ -33,14 +35,10 @@ def get_config(arg: str = "grpo"):
     s = c.sample = ml_collections.ConfigDict()
     s.num_steps = 6
     s.shift = 3.0
-    s.kind = {"cps": "cps", "dance": "dance", "awm": "ode", "nft": "ode"}.get(arg, "sde")
-    s.noise_level = {"sde": 0.7, "cps": 0.8, "dance": 0.3, "ode": 0.0}[s.kind]
-    s.guidance = 1.0 if arg == "nft" else 2.0
-    s.window_size = 2 if arg == "mixgrpo" else 0
     s.latent_size = (8, 8)
     s.same_noise_per_group = False
     s.eval_num_steps = 12
-    s.eval_guidance = s.guidance
+    s.eval_guidance = 1.0 if arg == "nft" else 2.0
     s.num_eval_prompts = 8
 
     t = c.train = ml_collections.ConfigDict()
@@ -53,15 +51,25 @@ def get_config(arg: str = "grpo"):
     t.weight_decay = 1e-4
     t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8
     t.max_grad_norm = 1.0
-    t.timestep_fraction = 0.9 if c.method != "nft" else 0.99
-    t.clip_range = 0.2  # toy: larger steps than the published 1e-4, to move in a few dozen updates
-    t.beta = 0.0
-    t.adv_std = "global"
-    t.adv_clip = 5.0
     t.max_nan_steps = 5
-    t.awm_p, t.awm_num_train_timesteps, t.awm_ema_beta, t.awm_adv_scale = 0.25, 3, 0.0, 5.0
-    t.awm_ema_max_decay, t.awm_ema_rate = 0.3, 1e-3
-    t.nft_mix, t.nft_kl_beta, t.nft_decay_type = 1.0, 0.0, 1
+    c.advantage = dict(std="global", ddof=0, eps=1e-4)
+
+    # Toy: larger PPO steps than the published 1e-4 clip, no KL, to move in a few dozen updates.
+    c[c.method] = method_class(c.method).defaults()
+    m = c[c.method]
+    if c.method == "grpo":
+        m.update(kind={"cps": "cps", "dance": "dance"}.get(arg, "sde"), guidance=2.0, clip_range=0.2, beta=0.0,
+                 timestep_fraction=0.9, filter_zero_advantage=True)
+        m.noise_level = {"sde": 0.7, "cps": 0.8, "dance": 0.3}[m.kind]
+        if arg == "mixgrpo":
+            m.window.update(size=2, schedule="random", range=(0, 5))
+        if arg == "dance":  # DanceGRPO: its schedule, a random 60% of the steps per sample, unbiased group std
+            m.update(schedule="dance", random_steps=True, timestep_fraction=0.6)
+            c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
+    elif c.method == "awm":
+        m.update(guidance=2.0, beta=0.0, ema_beta=0.0, adv_clip=None, num_train_timesteps=3, rows_per_draw=0)
+    else:
+        m.update(kl_beta=0.0)
 
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.sharding_rules = sharding.DEFAULT_RULES  # logical axis -> mesh axes (pure FSDP)

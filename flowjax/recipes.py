@@ -1,8 +1,21 @@
 """The published SD3.5-Medium RL settings shared by configs/geneval.py, ocr.py and pickscore.py.
 
-`sd35_medium(variant, ...)` builds everything but the prompts and the reward, which each config file
-adds; the per-task differences of the references (KL weights, AWM batch, DiffusionNFT mix and decay)
-are its arguments. The sources of each value are in the config files' docstrings.
+`sd35_medium(variant, task)` builds everything but the prompts and the reward, which each config file adds.
+Batch sizes are the references' per-epoch batches on 32 GPUs; a flowjax minibatch is the references'
+micro-batch i taken over all GPUs together (so `train.minibatches` = their `num_batches_per_epoch` x
+`sample.train_batch_size / train.batch_size`, and `train.grad_accum` their gradient_accumulation_steps).
+
+Sources (each value below cites one of these):
+- Flow-GRPO: yifan123/flow_grpo ac4c86e `config/grpo.py:{geneval,general_ocr,pickscore}_sd3`, `config/base.py`
+  (32 GPUs x 9 images x 4 micro-batches = 48 prompts x 24; 2 optimizer steps per epoch; EMA eval copy 0.9
+  every 8 in `scripts/train_sd3.py`; eval and save every 60 epochs).
+- Flow-CPS: IamCreateAI/FlowCPS b402c7a (sampler commit 814c359) `config/grpo.py`, `config/base.py`: Flow-GRPO's
+  recipe with the cps kernel at noise level 0.7 and the undivided KL.
+- flow_grpo's fast CFG-free CPS recipes: `config/grpo.py:{geneval,pickscore}_sd3_fast_nocfg` with
+  `scripts/train_sd3_fast.py` (yifan123/flow_grpo 74db691): cps at 0.8, no CFG anywhere, clip 1e-5, no KL,
+  a 3-step SDE window starting in [0, 2] (sde_window_range (0, 5)), only the window trained.
+- AWM: scxue/advantage_weighted_matching be51372 `config/dgx_awm.py:{geneval,ocr,pickscore}_sd3_no_cfg_4nodes`.
+- DiffusionNFT: NVlabs/DiffusionNFT 24af555 `config/nft.py:sd3_{geneval,ocr,pickscore}`, `config/base.py`.
 """
 
 from __future__ import annotations
@@ -11,19 +24,40 @@ import ml_collections
 
 from flowjax import sharding
 from flowjax.models.lora import SD3_ATTENTION_TARGETS
+from flowjax.rl.awm import AWM
+from flowjax.rl.grpo import FlowGRPO
+from flowjax.rl.nft import DiffusionNFT
 
-VARIANTS = ("grpo", "cps", "awm", "nft")
+VARIANTS = ("grpo", "cps", "cps_fast", "awm", "nft")
+TASKS = ("geneval", "ocr", "pickscore")
+
+# Per-task values of the references (see the module docstring for the files).
+_GRPO_BETA = {"geneval": 0.04, "ocr": 0.04, "pickscore": 0.01}  # Flow-GRPO and Flow-CPS alike
+# AWM: (prompts per epoch, micro-batches per epoch over all GPUs = gradient accumulation, rows per device
+# micro-batch, KL beta, time_type, eval/save every): 32 GPUs x 6 images x num_batches_per_epoch.
+_AWM = {"geneval": (72, 18, 3, 0.001, "discrete_wo_init", 50), "ocr": (72, 18, 3, 0.003, "discrete_wo_init", 20),
+        "pickscore": (24, 9, 2, 1e-4, "discrete", 50)}
+# DiffusionNFT (n_gpus 8): (mix b, old-policy decay type, gradient steps per epoch).
+_NFT = {"geneval": (1.0, 1, 1), "ocr": (0.1, 2, 2), "pickscore": (1.0, 1, 1)}
+# flow_grpo *_fast_nocfg: (prompts per epoch, images per prompt).
+_FAST = {"geneval": (48, 24), "pickscore": (64, 18)}
 
 
-def sd35_medium(variant: str, *, grpo_beta: float, awm_prompts: int, awm_accum: int, awm_beta: float,
-                nft_mix: float = 1.0, nft_decay_type: int = 1, nft_accum: int = 16) -> ml_collections.ConfigDict:
+def variants(task: str) -> tuple[str, ...]:
+    """The variants a task has: cps_fast is published for GenEval and PickScore only."""
+    return tuple(v for v in VARIANTS if v != "cps_fast" or task in _FAST)
+
+
+def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     variant = variant or "grpo"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    if variant not in variants(task):
+        raise ValueError(f"unknown variant {variant!r} for {task}; choose one of {variants(task)}")
     c = ml_collections.ConfigDict()
     c.seed = 42
     c.variant = variant
-    c.method = {"cps": "grpo"}.get(variant, variant)
+    c.method = {"cps": "grpo", "cps_fast": "grpo"}.get(variant, variant)
     c.dtype = "bfloat16"  # transformer / text encoders / VAE compute
     c.param_dtype = "bfloat16"  # the frozen base weights (LoRA adapters are float32)
 
@@ -47,7 +81,6 @@ def sd35_medium(variant: str, *, grpo_beta: float, awm_prompts: int, awm_accum: 
     s.shift = 3.0  # SD3.5's scheduler shift
     s.latent_size = (64, 64)  # resolution / 8
     s.same_noise_per_group = False
-    s.window_size = 0
     s.eval_num_steps = 40
     s.num_eval_prompts = 64  # 0 = the whole test split (the references evaluate all of it)
     s.eval_samples_per_prompt = 1
@@ -59,46 +92,46 @@ def sd35_medium(variant: str, *, grpo_beta: float, awm_prompts: int, awm_accum: 
     t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8
     t.max_grad_norm = 1.0
     t.group_size = 24
-    t.adv_std = "global"
-    t.adv_clip = 5.0
     t.max_nan_steps = 20
-    t.awm_p, t.awm_num_train_timesteps, t.awm_ema_beta, t.awm_adv_scale = 0.25, 6, 1.0, 5.0
-    t.awm_ema_max_decay, t.awm_ema_rate = 0.3, 1e-3
-    t.nft_mix, t.nft_kl_beta, t.nft_decay_type = nft_mix, 1e-4, nft_decay_type
+    c.advantage = dict(std="global", ddof=0, eps=1e-4)  # every reference: global_std=True
 
     if c.method == "grpo":
-        s.kind = "cps" if variant == "cps" else "sde"
-        s.noise_level = 0.8 if variant == "cps" else 0.7
+        m = c.grpo = FlowGRPO.defaults()
         s.num_steps = 10
-        s.guidance = s.eval_guidance = 4.5
         t.prompts_per_batch = 48
-        t.minibatches, t.grad_accum = 4, 2  # 288 images per update, 2 optimizer steps per epoch
-        t.timestep_fraction = 0.99
-        t.clip_range = 1e-4
-        t.beta = grpo_beta
+        t.minibatches, t.grad_accum = 4, 2  # 288 images per minibatch, 2 optimizer steps per epoch
+        m.beta = _GRPO_BETA[task]
+        if variant == "cps":
+            m.update(kind="cps", noise_level=0.7)  # FlowCPS base.py noise_level 0.7, undivided KL
+        elif variant == "cps_fast":
+            prompts, group = _FAST[task]
+            t.prompts_per_batch, t.group_size = prompts, group
+            m.update(kind="cps", noise_level=0.8, guidance=1.0, clip_range=1e-5, beta=0.0)
+            m.window.update(size=3, schedule="random", range=(0, 5))
+        s.eval_guidance = m.guidance
+        c.eval_every = c.checkpoint_every = 60
     elif c.method == "awm":
-        s.kind, s.noise_level = "ode", 0.0
+        prompts, micro, rows, beta, time_type, every = _AWM[task]
+        m = c.awm = AWM.defaults()
         s.num_steps = 14
-        s.guidance = s.eval_guidance = 1.0
-        t.prompts_per_batch = awm_prompts
-        t.minibatches, t.grad_accum = awm_accum, awm_accum  # 1 optimizer step per epoch
-        t.timestep_fraction = 0.9
-        t.clip_range = 1.0
-        t.beta = awm_beta
-    else:  # nft
-        s.kind, s.noise_level = "ode", 0.0
+        s.eval_guidance = 1.0
+        t.prompts_per_batch = prompts
+        t.minibatches = t.grad_accum = micro  # one optimizer step per epoch
+        m.update(beta=beta, time_type=time_type, rows_per_draw=rows)
+        c.eval_every = c.checkpoint_every = every
+    else:
+        mix, decay_type, steps_per_epoch = _NFT[task]
+        m = c.nft = DiffusionNFT.defaults()
         s.num_steps = 10
-        s.guidance = s.eval_guidance = 1.0
+        s.eval_guidance = 1.0
         t.prompts_per_batch = 48
-        t.minibatches, t.grad_accum = 16, nft_accum  # 72 images per update, 16 / nft_accum optimizer steps
-        t.timestep_fraction = 0.99
-        t.clip_range = 1e-4  # unused by nft
-        t.beta = 0.0  # nft's KL weight is nft_kl_beta
+        t.minibatches = 16  # 8 GPUs x 9 = 72 images per minibatch
+        t.grad_accum = 16 // steps_per_epoch
+        m.update(mix=mix, decay_type=decay_type)
+        c.eval_every, c.checkpoint_every = 10, 30
 
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.sharding_rules = sharding.DEFAULT_RULES
-    c.eval_every = 60
-    c.checkpoint_every = 60
     c.keep_checkpoints = 2
     c.grid_size = 32
     c.tensorboard = True

@@ -38,23 +38,50 @@ SD3_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 
 @pytest.mark.parametrize("name,variant", [(n, v) for n, m in CONFIGS.items() for v in m.VARIANTS])
 def test_every_variant_builds_and_validates(name, variant):
+    """Each variant carries its reference's published SD3.5-M recipe (sources in flowjax/recipes.py)."""
     c = CONFIGS[name].get_config(variant)
     validate(c)
     assert c.world.name == "sd3" and c.world.model == "" and c.world.resolution == 512
     assert tuple(c.sample.latent_size) == (64, 64) and c.sample.shift == 3.0 and c.sample.eval_num_steps == 40
-    assert c.train.group_size == 24 and c.train.lr == 3e-4 and c.train.weight_decay == 1e-4
+    assert c.train.lr == 3e-4 and c.train.weight_decay == 1e-4
     assert c.train.max_grad_norm == 1.0 and c.world.max_sequence_length == 128
     assert (c.lora.rank, c.lora.alpha, tuple(c.lora.targets)) == (32, 64.0, SD3_TARGETS)
+    assert c.advantage.to_dict() == {"std": "global", "ddof": 0, "eps": 1e-4}
     batch = c.train.prompts_per_batch * c.train.group_size
     assert batch % c.train.minibatches == 0 and c.train.minibatches % c.train.grad_accum == 0
-    if c.method == "grpo":
-        assert (c.sample.num_steps, c.sample.guidance, c.sample.eval_guidance) == (10, 4.5, 4.5)
-        assert c.sample.noise_level == (0.8 if variant == "cps" else 0.7) and c.train.clip_range == 1e-4
-        assert c.train.beta == (0.01 if name == "pickscore" else 0.04) and c.train.timestep_fraction == 0.99
-        assert int(c.sample.num_steps * c.train.timestep_fraction) == 9
-        assert c.train.minibatches // c.train.grad_accum == 2  # two optimizer steps per epoch
-    else:
-        assert c.sample.guidance == c.sample.eval_guidance == 1.0 and c.sample.kind == "ode"
+    steps_per_epoch = c.train.minibatches // c.train.grad_accum
+    m = c[c.method]
+    if c.method == "grpo":  # Flow-GRPO config/grpo.py (ac4c86e), FlowCPS (b402c7a), flow_grpo fast (74db691)
+        assert c.sample.num_steps == 10 and steps_per_epoch == 2 and c.eval_every == 60
+        assert m.eval_ema.to_dict() == {"decay": 0.9, "every": 8, "cadence": "microbatch"}
+        assert m.filter_zero_advantage and m.adv_clip == 5.0
+        if variant == "cps_fast":
+            assert (m.kind, m.noise_level, m.guidance, c.sample.eval_guidance) == ("cps", 0.8, 1.0, 1.0)
+            assert (m.clip_range, m.beta) == (1e-5, 0.0)
+            assert (m.window.size, m.window.schedule, tuple(m.window.range)) == (3, "random", (0, 5))
+            assert (c.train.prompts_per_batch, c.train.group_size) == ({"geneval": (48, 24), "pickscore": (64, 18)}[name])
+        else:
+            assert (m.guidance, c.sample.eval_guidance, m.clip_range) == (4.5, 4.5, 1e-4)
+            assert (m.kind, m.noise_level) == (("cps", 0.7) if variant == "cps" else ("sde", 0.7))
+            assert m.beta == (0.01 if name == "pickscore" else 0.04) and m.timestep_fraction == 0.99
+            assert int(c.sample.num_steps * m.timestep_fraction) == 9 and m.window.size == 0
+            assert (c.train.prompts_per_batch, c.train.group_size) == (48, 24)
+    elif c.method == "awm":  # AWM config/dgx_awm.py *_no_cfg_4nodes (be51372)
+        assert c.sample.num_steps == 14 and m.guidance == c.sample.eval_guidance == 1.0 and steps_per_epoch == 1
+        assert (m.beta, m.time_type, m.rows_per_draw, c.eval_every) == {
+            "geneval": (0.001, "discrete_wo_init", 3, 50), "ocr": (0.003, "discrete_wo_init", 3, 20),
+            "pickscore": (1e-4, "discrete", 2, 50)}[name]
+        assert (c.train.prompts_per_batch, c.train.group_size) == ((24, 24) if name == "pickscore" else (72, 24))
+        assert batch // c.train.minibatches == (64 if name == "pickscore" else 96)  # 32 GPUs x 2 or 3 rows
+        assert (m.p, m.ema_beta, m.clip_range, m.adv_scale, m.adv_clip, m.num_train_timesteps) == (
+            0.25, 1.0, 1.0, 5.0, 1.0, 6)
+        assert m.eval_ema.to_dict() == {"decay": 0.99, "every": 1, "cadence": "epoch"}
+    else:  # DiffusionNFT config/nft.py (24af555)
+        assert c.sample.num_steps == 10 and m.guidance == c.sample.eval_guidance == 1.0 and c.eval_every == 10
+        assert (m.mix, m.decay_type, steps_per_epoch) == {"geneval": (1.0, 1, 1), "ocr": (0.1, 2, 2),
+                                                          "pickscore": (1.0, 1, 1)}[name]
+        assert batch // c.train.minibatches == 72 and (m.kl_beta, m.timestep_fraction) == (1e-4, 0.99)
+        assert m.eval_ema.to_dict() == {"decay": 0.9, "every": 1, "cadence": "update"}
 
 
 def test_default_variant_is_grpo():
@@ -62,6 +89,8 @@ def test_default_variant_is_grpo():
         assert module.get_config("").variant == module.get_config().variant == "grpo"
     with pytest.raises(ValueError, match="unknown variant"):
         geneval.get_config("ppo")
+    with pytest.raises(ValueError, match="unknown variant 'cps_fast' for ocr"):
+        ocr.get_config("cps_fast")  # flow_grpo publishes the fast CFG-free recipe for GenEval and PickScore only
 
 
 # ----------------------------------------------------------------------------- fake reward servers
@@ -183,7 +212,8 @@ def shrink(c, model, steps=2):
     c.train.prompts_per_batch, c.train.group_size = 2, 2
     c.train.minibatches, c.train.grad_accum = 1, 1
     c.train.steps = 1
-    c.train.awm_num_train_timesteps = 1
+    if c.method == "awm":
+        c.awm.update(num_train_timesteps=1, rows_per_draw=0)
     c.lora.rank, c.lora.alpha = 2, 4.0
     c.dtype = c.param_dtype = "float32"
     c.eval_every = c.checkpoint_every = 1

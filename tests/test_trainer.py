@@ -10,6 +10,7 @@ import pytest
 
 from configs import toy
 from flowjax import sharding
+from flowjax.rl import awm_ema_decay, old_policy_decay
 from flowjax.rl.trainer import learning_rate, validate
 from flowjax.train import build
 
@@ -40,6 +41,10 @@ def test_reward_rises(tmp_path, variant):
     print(f"{variant}: train reward {first:.3f} -> {last:.3f}, eval {evals[0]:.3f} -> {evals[-1]:.3f}")
     assert last > first + 0.1
     assert evals[-1] > evals[0]
+    if variant == "awm":  # the KL-EMA decay runs on the optimizer-step clock (train_sd3_awm.py, be51372)
+        for r in rows[1:]:
+            assert r["ema/decay"] == pytest.approx(float(awm_ema_decay(r["train/opt_steps"])))
+        assert rows[-1]["train/opt_steps"] == 20 * c.train.minibatches // c.train.grad_accum
 
 
 def test_first_update_is_on_policy(tmp_path):
@@ -82,23 +87,34 @@ def test_resume_continues_exactly(tmp_path):
     run(tmp_path / "resumed", 4)
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 1, 2, 3, 4]
+    # DiffusionNFT's old policy decays on the optimizer-step clock, 2 steps per epoch here
+    # (train_nft_sd3.py `return_decay(global_step, decay_type)`, NVlabs/DiffusionNFT 24af555)
+    for r in a[1:]:
+        assert r["train/opt_steps"] == 2 * r["step"]
+        assert r["old_policy/decay"] == pytest.approx(float(old_policy_decay(2 * r["step"], 1)))
+    assert "eval_ema/reward_mean" in a[0] and "eval_ema/reward_mean" in a[-1]
     for ra, rb in zip(a, b):
         for key in ra:
             if not key.startswith("time/"):
                 np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, err_msg=f"step {ra['step']} {key}")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.sample.update(kind="ode"), "needs a stochastic sampler"),
-    (lambda c: (c.update(method="awm"), c.sample.update(window_size=2)), "MixGRPO"),
-    (lambda c: (c.update(method="nft"), c.sample.update(kind="ode", guidance=4.5)), "CFG-free"),
-    (lambda c: c.train.update(minibatches=3), "not divisible"),
-    (lambda c: c.update(method="ppo"), "method must be one of"),
-    (lambda c: c.train.update(lr_schedule="linear"), "lr_schedule must be one of"),
-    (lambda c: c.sample.update(window_size=2, window_max_start=c.sample.num_steps - 1), "window_max_start"),
+@pytest.mark.parametrize("variant, edit, message", [
+    ("grpo", lambda c: c.grpo.update(kind="ode"), "stochastic sampler"),
+    ("grpo", lambda c: c.grpo.update(noise_level=0.0), "must be > 0"),
+    ("nft", lambda c: c.nft.update(guidance=4.5), "CFG-free"),
+    ("grpo", lambda c: c.train.update(minibatches=3), "not divisible"),
+    ("grpo", lambda c: c.train.update(grad_accum=3), "never crosses an epoch"),
+    ("grpo", lambda c: c.update(method="ppo"), "method must be one of"),
+    ("grpo", lambda c: c.train.update(lr_schedule="linear"), "lr_schedule must be one of"),
+    ("mixgrpo", lambda c: c.grpo.window.update(range=(0, c.sample.num_steps)), "final step"),
+    ("grpo", lambda c: c.advantage.update(std="median"), "advantage.std"),
+    ("awm", lambda c: c.awm.update(time_type="uniform"), "time_type"),
+    ("nft", lambda c: c.nft.update(decay_type=5), "decay_type"),
+    ("grpo", lambda c: c.grpo.eval_ema.update(cadence="hourly"), "cadence"),
 ])
-def test_invalid_configs_are_refused(edit, message):
-    c = config("grpo")
+def test_invalid_configs_are_refused(variant, edit, message):
+    c = config(variant)
     edit(c)
     with pytest.raises(ValueError, match=message):
         validate(c)
@@ -128,5 +144,6 @@ def test_command_line(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_metrics(tmp_path)
     assert rows[0]["step"] == 0 and "eval/reward_mean" in rows[0] and rows[-1]["step"] == 2
+    assert "eval_ema/reward_mean" in rows[0] and "train/kept_fraction" in rows[1]
     assert (tmp_path / "checkpoints").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

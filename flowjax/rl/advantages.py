@@ -81,6 +81,7 @@ def group_advantages(
     num_groups: int | None = None,
     std: str = "global",
     eps: float = 1e-4,
+    ddof: int = 0,
     clip: float | None = 5.0,
 ) -> jax.Array:
     """Advantages [N] float32: per-prompt centred rewards over a std, plus eps, clipped.
@@ -90,6 +91,9 @@ def group_advantages(
     std="global": s = population std of the raw rewards over the whole (global) batch
       (`sample.global_std=True`, published for Flow-GRPO, AWM and DiffusionNFT on SD3.5);
     std="per_prompt": s = population std of that prompt's rewards.
+    ddof: 0 (np.std, the population std: Flow-GRPO, AWM, DiffusionNFT) or 1 (torch.std's unbiased std:
+      DanceGRPO `fastvideo/train_grpo_flux.py`, XueZeyue/DanceGRPO 15cc71d, with eps = 1e-8 and
+      std="per_prompt"). A group of one sample with ddof=1 has std 0 (not NaN).
 
     rewards: [N] (any float dtype). prompt_ids: [N] integers; members of a group may be
       anywhere in the batch. With num_groups (static int) the ids must lie in [0, num_groups);
@@ -104,11 +108,15 @@ def group_advantages(
     seg, n_seg = _segments(prompt_ids, num_groups)
     if seg.shape != r.shape:
         raise ValueError(f"prompt_ids shape {seg.shape} does not match rewards shape {r.shape}")
-    centred, _, var = _group_moments(r, seg, n_seg)
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population std) or 1 (unbiased), got {ddof!r}")
+    centred, count, var = _group_moments(r, seg, n_seg)
     if std == "global":
-        s = jnp.std(r)  # ddof=0 over the raw rewards, as np.std(rewards) in the tracker
+        n = r.shape[0]
+        s = jnp.std(r) * (np.sqrt(n / (n - ddof)) if n > ddof else 0.0)  # np.std(rewards) in the tracker
     else:
-        s = jnp.sqrt(var)[seg]
+        unbiased = var * count / jnp.maximum(count - ddof, 1.0)
+        s = jnp.sqrt(jnp.where(count > ddof, unbiased, 0.0))[seg]
     adv = centred / (s + eps)
     if clip is not None:
         adv = jnp.clip(adv, -clip, clip)

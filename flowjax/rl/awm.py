@@ -26,19 +26,21 @@ Follows scxue/advantage_weighted_matching, `advantage_weighted_matching/scripts/
 - KL to an EMA copy of the policy (a second LoRA adapter, initialised to the policy),
   `kl_ema_weight="Uniform"`, ema_beta = 1: mean(mean_{C,H,W}(v - v_ema)^2). The EMA adapter is
   updated once per epoch, after the epoch's optimizer steps:
-  ema <- decay * ema + (1 - decay) * policy, decay = min(0.3, 0.001 * global_step)
-  (`kl_ema_decay_type="linear"`, `kl_ema_decay=0.3`); see `awm_ema_decay` and
-  `flowjax.rl.nft.ema_update`.
+  ema <- decay * ema + (1 - decay) * policy, decay = min(0.3, 0.001 * global_step), global_step the
+  optimizer-step counter after the epoch (`kl_ema_decay_type="linear"`, `kl_ema_decay=0.3`); see
+  `awm_ema_decay` and `flowjax.rl.ema.ema_update`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from flowjax.rl.common import bcast, f32, per_sample_mean, ppo_clipped, velocity_kl
-from flowjax.rl.nft import ema_update  # noqa: F401  (re-exported: the AWM EMA uses it too)
+from flowjax.rl.ema import ema_update
+from flowjax.rl.method import Method, RolloutSpec, accumulate, velocity
 
 _TINY = 1e-10  # the reference's offset inside the power
 
@@ -223,3 +225,105 @@ def awm_ema_decay(step, *, max_decay: float = 0.3, rate: float = 1e-3, schedule:
     if schedule != "linear":
         raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}")
     return jnp.minimum(jnp.float32(max_decay), jnp.float32(rate) * jnp.asarray(step, jnp.float32))
+
+
+# --------------------------------------------------------------------------- the method
+
+
+class AWM(Method):
+    """Advantage Weighted Matching, `config.method = "awm"` (scxue/advantage_weighted_matching be51372,
+    `scripts/train_sd3_awm.py`, `config/dgx_awm.py:geneval_sd3_no_cfg_4nodes`).
+
+    Rollouts CFG-free by `solver`; only the final samples are kept. Each minibatch draws, per group of
+    `rows_per_draw` rows (the reference's per-device micro-batch, train.batch_size = 3), its own
+    `num_train_timesteps` stratified sampler steps (`awm_timestep_indices`, time_type "discrete_wo_init" or
+    "discrete"), fresh noise per (timestep, row), and takes `awm_loss` (on-policy: ratio 1). The KL-EMA policy
+    follows the policy after every epoch with decay min(max_decay, rate * optimizer steps) (`awm_ema_decay`,
+    logged as ema/decay); the evaluation EMA (decay 0.99, once per epoch) is the reference's
+    EMAModuleWrapper(ema_decay=0.99, ema_update_step_interval=1).
+    """
+
+    name = "awm"
+    metric_names = ("loss", "policy_loss", "kl_loss", "ema_kl_loss", "clipfrac", "ratio_mean", "log_prob_mean",
+                    "mse")
+    TIME_TYPES = ("discrete_wo_init", "discrete")
+
+    @staticmethod
+    def defaults():
+        return ml_collections.ConfigDict(dict(
+            solver="ode",  # the rollout sampler (sampling.rollout kind)
+            guidance=1.0,  # CFG-free rollouts; training is always CFG-free
+            p=0.25,  # ghuber_power
+            beta=0.001,  # KL to the reference (GenEval be51372; OCR 0.003, PickScore 1e-4)
+            ema_beta=1.0,  # KL to the KL-EMA policy
+            clip_range=1.0,
+            adv_scale=5.0,  # adv_clip_max
+            adv_clip=1.0,  # advantage_max
+            num_train_timesteps=6,
+            timestep_fraction=0.9,
+            time_type="discrete_wo_init",  # GenEval / OCR; "discrete" (PickScore) may draw the first step
+            rows_per_draw=3,  # rows sharing one draw of training timesteps (0 = the whole minibatch)
+            kl_ema=dict(max_decay=0.3, rate=1e-3, schedule="linear"),
+            eval_ema=dict(decay=0.99, every=1, cadence="epoch"),
+        ))
+
+    def validate(self) -> None:
+        c, t = self.cfg, self.config.train
+        if c.time_type not in self.TIME_TYPES:
+            raise ValueError(f"config.awm.time_type must be one of {self.TIME_TYPES}, got {c.time_type!r}")
+        if c.num_train_timesteps < 1:
+            raise ValueError(f"config.awm.num_train_timesteps must be >= 1, got {c.num_train_timesteps}")
+        lo = 1 if c.time_type == "discrete_wo_init" else 0
+        if int(self.config.sample.num_steps * c.timestep_fraction) <= lo:
+            raise ValueError(f"config.awm.timestep_fraction={c.timestep_fraction} x sample.num_steps="
+                             f"{self.config.sample.num_steps} leaves no step to train with time_type={c.time_type!r}")
+        rows = t.prompts_per_batch * t.group_size // t.minibatches
+        if c.rows_per_draw and rows % c.rows_per_draw:
+            raise ValueError(f"config.awm.rows_per_draw={c.rows_per_draw} must divide the minibatch of {rows} rows")
+        if c.guidance < 1.0:
+            raise ValueError(f"config.awm.guidance must be >= 1, got {c.guidance}")
+        awm_ema_decay(0, max_decay=c.kl_ema.max_decay, rate=c.kl_ema.rate, schedule=c.kl_ema.schedule)
+        super().validate()
+
+    def rollout_spec(self):
+        return RolloutSpec(kind=self.cfg.solver, guidance=float(self.cfg.guidance))
+
+    def init_state(self, params):
+        return {"kl_ema": params} if self.cfg.ema_beta > 0 else {}
+
+    def train_timesteps(self, key, batch: int, sigmas) -> jax.Array:
+        """Training t [K, B]: one stratified draw of K sampler steps per group of `rows_per_draw` rows (the
+        reference draws per device micro-batch: `train_sd3_awm.py`, the time_type branches, be51372)."""
+        c = self.cfg
+        rows = c.rows_per_draw or batch
+        draw = lambda k: awm_timestep_indices(k, sigmas.shape[0] - 1, num_train_timesteps=c.num_train_timesteps,
+                                              timestep_fraction=c.timestep_fraction,
+                                              skip_first=c.time_type == "discrete_wo_init")
+        idx = jax.vmap(draw)(jax.random.split(key, batch // rows))  # [groups, K]
+        return f32(sigmas)[jnp.repeat(idx, rows, axis=0).T]
+
+    def grads(self, ctx, params, state, mb, window, key):
+        c = self.cfg
+        x0 = mb["x0"]
+        t_all = self.train_timesteps(key, x0.shape[0], ctx.sigmas)  # [K, B]
+        eps_all = jax.random.normal(jax.random.fold_in(key, 1), (t_all.shape[0], *x0.shape), jnp.float32)
+        ema = state.get("kl_ema")
+
+        def loss_fn(p, inp):
+            t, eps = inp
+            x_t = awm_noised(x0, eps, t)
+            v_of = lambda q: velocity(ctx.apply, q, x_t, t, mb["cond"], 1.0)  # no CFG in training
+            v_ref = jax.lax.stop_gradient(v_of(ctx.ref_params)) if c.beta > 0 else None
+            v_ema = jax.lax.stop_gradient(v_of(ema)) if c.ema_beta > 0 else None
+            return awm_loss(v_of(p), x0, eps, t, mb["advantages"], p=c.p, clip_range=c.clip_range, v_ref=v_ref,
+                            beta=c.beta, v_ema=v_ema, ema_beta=c.ema_beta, adv_scale=c.adv_scale,
+                            adv_clip=c.adv_clip)
+
+        return accumulate(loss_fn, params, (t_all, eps_all))
+
+    def end_of_epoch(self, state, params, opt_step):
+        k = self.cfg.kl_ema
+        decay = awm_ema_decay(opt_step, max_decay=k.max_decay, rate=k.rate, schedule=k.schedule)
+        if "kl_ema" in state:
+            state = {**state, "kl_ema": ema_update(state["kl_ema"], params, decay)}
+        return state, {"ema/decay": decay}

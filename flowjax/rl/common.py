@@ -26,8 +26,17 @@ def velocity_kl(v, v_other) -> jax.Array:
     return jnp.mean(per_sample_mean((f32(v) - jax.lax.stop_gradient(f32(v_other))) ** 2))
 
 
-def ppo_clipped(ratio, advantages, clip_range) -> jax.Array:
-    """PPO's pessimistic objective as a loss: mean(max(-A*ratio, -A*clip(ratio, 1-e, 1+e)))."""
+def weighted_mean(x, weights=None) -> jax.Array:
+    """mean(x), or sum(w x) / sum(w) with per-row weights broadcastable to x (a masked mean)."""
+    if weights is None:
+        return jnp.mean(x)
+    w = jnp.broadcast_to(f32(weights), x.shape)
+    return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def ppo_clipped(ratio, advantages, clip_range, weights=None) -> jax.Array:
+    """PPO's pessimistic objective as a loss: mean(max(-A*ratio, -A*clip(ratio, 1-e, 1+e))), the mean
+    weighted by `weights` when given (rows of weight 0 are left out)."""
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return jnp.mean(jnp.maximum(unclipped, clipped))
+    return weighted_mean(jnp.maximum(unclipped, clipped), weights)

@@ -17,17 +17,23 @@ Follows NVlabs/DiffusionNFT `scripts/train_nft_sd3.py` (training loop, `return_d
                   per sample, w detached (computed in float64 under no_grad)
       policy = mean_B(adv_clip_max * (r L(x0_pos) / b + (1 - r) L(x0_neg) / b))
       loss   = policy + train.beta * mean_B(mean_{C,H,W}((v - v_ref)^2)),  train.beta = 1e-4
-- After every epoch: old <- decay * old + (1 - decay) * policy with decay = return_decay(step)
-  (`old_policy_decay`, decay_type 1 by default, 2 for OCR).
-- Evaluation uses a separate EMA (`EMAModuleWrapper`, decay 0.9, every step; `eval_ema_decay`).
+- After every epoch: old <- decay * old + (1 - decay) * policy with decay = return_decay(global_step),
+  global_step the optimizer-step counter after the epoch's updates (`old_policy_decay`, decay_type 1 by
+  default, 2 for OCR).
+- Evaluation uses a separate EMA (`EMAModuleWrapper`, decay 0.9, stepped after every optimizer step:
+  `flowjax.rl.ema`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from flowjax.rl.awm import awm_noised
 from flowjax.rl.common import bcast, f32, per_sample_mean, velocity_kl
+from flowjax.rl.ema import ema_update
+from flowjax.rl.method import Method, RolloutSpec, accumulate, check_fraction, velocity
 
 _W_MIN = 1e-5  # the reference's clamp on the adaptive weight
 
@@ -148,29 +154,71 @@ def old_policy_decay(step, decay_type: int = 1):
     return jnp.where(s < flat, 0.0, jnp.minimum((s - flat) * uprate, uphold)).astype(jnp.float32)
 
 
-def eval_ema_decay(step, decay: float):
-    """Decay of the evaluation EMA (flow_grpo/ema.py `EMAModuleWrapper.get_current_decay`).
+# --------------------------------------------------------------------------- the method
 
-    min((1 + step) / (10 + step), decay); the wrapper updates when (step + 1) % interval == 0.
-    Published: Flow-GRPO decay 0.9 interval 8, AWM 0.99 interval 1, DiffusionNFT 0.9 interval 1.
+
+class DiffusionNFT(Method):
+    """DiffusionNFT, `config.method = "nft"` (NVlabs/DiffusionNFT 24af555, `scripts/train_nft_sd3.py`,
+    `config/nft.py:sd3_geneval`).
+
+    Rollouts CFG-free with the OLD policy by `solver`; only the final samples are kept. Each minibatch trains
+    every row on its own random permutation of the sampler steps, the first int(num_steps * timestep_fraction)
+    of them (`nft_timesteps`), at fresh noise (`nft_loss`). After the epoch the old policy follows the policy
+    with decay `old_policy_decay(optimizer steps, decay_type)` (logged as old_policy/decay). The evaluation
+    EMA is the reference's EMAModuleWrapper(decay=0.9, update_step_interval=1) stepped after every optimizer
+    step.
     """
-    s = jnp.asarray(step, jnp.float32)
-    return jnp.minimum((1.0 + s) / (10.0 + s), jnp.float32(decay))
 
+    name = "nft"
+    metric_names = ("loss", "policy_loss", "unweighted_policy_loss", "kl_div", "old_deviate", "r_mean",
+                    "positive_loss", "negative_loss")
 
-def ema_update(old_params, params, decay):
-    """old * decay + params * (1 - decay), leaf by leaf over matching pytrees.
+    @staticmethod
+    def defaults():
+        return ml_collections.ConfigDict(dict(
+            solver="ode",  # the rollout sampler (sampling.rollout kind)
+            guidance=1.0,  # CFG-free, as the method intends (rollouts and training)
+            mix=1.0,  # the reference's config.beta (0.1 for OCR)
+            kl_beta=1e-4,  # the reference's train.beta
+            adv_clip=5.0,
+            decay_type=1,  # old-policy decay schedule (2 for OCR)
+            timestep_fraction=0.99,
+            eval_ema=dict(decay=0.9, every=1, cadence="update"),
+        ))
 
-    Computed in float32 and cast back to each old leaf's dtype; no gradient flows. Leaves that
-    are not floating point (e.g. counters) are taken from `params`.
-    """
-    d = jnp.asarray(decay, jnp.float32)
+    def validate(self) -> None:
+        c = self.cfg
+        if c.guidance != 1.0:
+            raise ValueError("DiffusionNFT samples CFG-free: set config.nft.guidance=1.0")
+        if not c.mix > 0:
+            raise ValueError(f"config.nft.mix (DiffusionNFT's beta) must be > 0, got {c.mix}")
+        old_policy_decay(0, c.decay_type)
+        check_fraction("config.nft.timestep_fraction", c.timestep_fraction, int(self.config.sample.num_steps))
+        super().validate()
 
-    def one(o, p):
-        o, p = jnp.asarray(o), jnp.asarray(p)
-        if not jnp.issubdtype(o.dtype, jnp.floating):
-            return p
-        new = o.astype(jnp.float32) * d + jax.lax.stop_gradient(p).astype(jnp.float32) * (1.0 - d)
-        return new.astype(o.dtype)
+    def rollout_spec(self):
+        return RolloutSpec(kind=self.cfg.solver, guidance=1.0, sampler="old")
 
-    return jax.tree_util.tree_map(one, old_params, params)
+    def init_state(self, params):
+        return {"old": params}
+
+    def grads(self, ctx, params, state, mb, window, key):
+        c = self.cfg
+        x0 = mb["x0"]
+        t_all = nft_timesteps(key, x0.shape[0], ctx.sigmas, timestep_fraction=c.timestep_fraction)  # [K, B]
+        eps_all = jax.random.normal(jax.random.fold_in(key, 1), (t_all.shape[0], *x0.shape), jnp.float32)
+
+        def loss_fn(p, inp):
+            t, eps = inp
+            x_t = awm_noised(x0, eps, t)
+            v_of = lambda q: velocity(ctx.apply, q, x_t, t, mb["cond"], 1.0)
+            v_old = jax.lax.stop_gradient(v_of(state["old"]))
+            v_ref = jax.lax.stop_gradient(v_of(ctx.ref_params)) if c.kl_beta > 0 else None
+            return nft_loss(v_of(p), v_old, x_t, x0, t, mb["advantages"], mix=c.mix, v_ref=v_ref,
+                            kl_beta=c.kl_beta, adv_clip=c.adv_clip)
+
+        return accumulate(loss_fn, params, (t_all, eps_all))
+
+    def end_of_epoch(self, state, params, opt_step):
+        decay = old_policy_decay(opt_step, self.cfg.decay_type)
+        return {**state, "old": ema_update(state["old"], params, decay)}, {"old_policy/decay": decay}

@@ -1,20 +1,27 @@
 """The online RL loop: sample -> reward -> advantages -> jitted updates, sharded over a mesh.
 
-One `Trainer` serves every method; the config picks it (`method`: grpo | awm | nft, with
-`sample.kind` sde | cps | dance and an optional MixGRPO `sample.window_size` for grpo). The trainable
-parameters (LoRA adapters, or all params for full fine-tuning), the optimizer state, the old/EMA
-policy and the RNG live in one `TrainState` pytree that orbax checkpoints; the batch of a step is a
-pure function of (seed, step), so a resumed run continues exactly.
+One `Trainer` serves every method: `config.method` names a plugin (`flowjax.rl.method`), and the trainer
+only calls its hooks. The trainable parameters (LoRA adapters, or all params for full fine-tuning), the
+optimizer state, the method's own state (old / EMA policies), the EMA evaluation copy and the RNG live in
+one `TrainState` pytree that orbax checkpoints at epoch ends; the batch of an epoch is a pure function of
+(seed, epoch), so a resumed run continues exactly.
+
+An epoch (the references' "epoch": one batch of rollouts, then `train.minibatches` updates on it):
+  rollout (the method's sampler spec) -> world scores -> method.advantages -> method.plan (row order and
+  weights of the minibatches) -> per minibatch method.grads + gradient accumulation over
+  `train.grad_accum` minibatches -> method.end_of_epoch.
+Gradient accumulation windows never cross an epoch (minibatches % grad_accum == 0), and a minibatch whose
+loss or gradient is not finite is left out of its window's mean (counted in `nan_steps`); a window with no
+finite minibatch makes no optimizer step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,41 +38,25 @@ from flowjax.data.sampler import KRepeatSampler
 from flowjax.models import lora
 from flowjax.models.prediction import check_prediction, to_velocity
 from flowjax.rl import advantages as adv_lib
-from flowjax.rl import awm, nft, steps
-
-METHODS = ("grpo", "awm", "nft")
+from flowjax.rl.ema import eval_ema_step
+from flowjax.rl.method import Cond, Context, build_method, velocity
+from flowjax.worlds import check_world
 
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array
+    step: jax.Array  # epochs done
+    opt_step: jax.Array  # optimizer steps done (the references' global_step)
     params: Any  # the trainable state (nnx.State)
     opt_state: Any
-    old_params: Any  # nft: the old (sampling) policy; awm: the EMA policy; grpo: None
+    method: Any  # the method's own state (old policy, KL-EMA policy, ...)
+    ema: Any  # the EMA evaluation copy of params (None when the method keeps none)
     key: jax.Array  # raw uint32 PRNG key (checkpointable)
     nan_steps: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodConfig:
-    """The hyper-parameters the jitted losses read, as hashable constants."""
-
-    kind: str
-    noise_level: float
-    guidance: float
-    clip_range: float
-    beta: float
-    adv_clip: float
-    timestep_fraction: float
-    p: float = 0.25
-    num_train_timesteps: int = 6
-    ema_beta: float = 0.0
-    adv_scale: float = 5.0
-    mix: float = 1.0
-    kl_beta: float = 0.0
-
-
 LR_SCHEDULES = ("constant", "cosine")
+ADV_STD = ("global", "per_prompt")
 
 
 def learning_rate(train):
@@ -79,33 +70,42 @@ def learning_rate(train):
     return optax.cosine_decay_schedule(train.lr, updates)
 
 
-def validate(config) -> None:
-    """Refuses impossible or contradictory configs with a message naming the fix."""
-    m, s, t = config.method, config.sample, config.train
-    if m not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {m!r}")
-    if s.kind not in sampling.KINDS:
-        raise ValueError(f"sample.kind must be one of {sampling.KINDS}, got {s.kind!r}")
-    if m == "grpo" and s.kind == "ode":
-        raise ValueError("method 'grpo' needs a stochastic sampler: set sample.kind to sde, cps or dance")
-    if s.window_size and m != "grpo":
-        raise ValueError(f"sample.window_size (MixGRPO) applies to method 'grpo' only, not {m!r}")
-    if s.window_size and not 1 <= s.window_size <= s.num_steps:
-        raise ValueError(f"sample.window_size must be in [1, sample.num_steps={s.num_steps}], got {s.window_size}")
-    max_start = s.get("window_max_start")
-    if s.window_size and max_start is not None and not 0 <= max_start <= s.num_steps - s.window_size:
-        raise ValueError(f"sample.window_max_start must be in [0, num_steps - window_size = "
-                         f"{s.num_steps - s.window_size}], got {max_start}")
-    if m == "nft" and s.guidance != 1.0:
-        raise ValueError("DiffusionNFT samples CFG-free: set sample.guidance=1.0")
-    if m == "grpo" and int(s.num_steps * t.timestep_fraction) < 1 and not s.window_size:
-        raise ValueError("train.timestep_fraction * sample.num_steps leaves no timestep to train")
+def validate(config):
+    """Refuses impossible or contradictory configs with a message naming the fix; returns the method."""
+    t = config.train
+    method = build_method(config)
     if t.get("lr_schedule", "constant") not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
+    a = config.get("advantage") or {}
+    if a.get("std", "global") not in ADV_STD:
+        raise ValueError(f"advantage.std must be one of {ADV_STD}, got {a.get('std')!r}")
     batch = t.prompts_per_batch * t.group_size
     if batch % t.minibatches:
         raise ValueError(f"the batch ({t.prompts_per_batch} prompts x {t.group_size}) = {batch} is not divisible "
                          f"by train.minibatches={t.minibatches}")
+    if t.grad_accum < 1 or t.minibatches % t.grad_accum:
+        raise ValueError(f"train.minibatches={t.minibatches} must be a multiple of train.grad_accum={t.grad_accum} "
+                         "(an accumulation window never crosses an epoch)")
+    method.validate()
+    return method
+
+
+def accumulate_window(acc, grads, finite, every: int):
+    """One minibatch into a gradient-accumulation window of `every` minibatches.
+
+    acc = (sum of finite gradients, number of finite minibatches, minibatches seen) of the open window.
+    Returns (new acc, do_step, mean): at the window's last minibatch `do_step` is True when at least one
+    minibatch was finite, `mean` the mean of the finite ones (a non-finite minibatch is left out, not
+    averaged in as 0), and the window closes (acc back to zeros) whether or not it steps. So windows are
+    always `every` minibatches long and, with minibatches % every == 0, never cross an epoch.
+    """
+    g_sum, count, seen = acc
+    g_sum = jax.tree.map(lambda a, g: a + jnp.where(finite, g, 0.0).astype(a.dtype), g_sum, grads)
+    count, seen = count + jnp.asarray(finite, jnp.int32), seen + 1
+    boundary = seen == every
+    mean = jax.tree.map(lambda g: g / jnp.maximum(count, 1).astype(g.dtype), g_sum)
+    reset = lambda x: jnp.where(boundary, jnp.zeros_like(x), x)
+    return (jax.tree.map(reset, g_sum), reset(count), reset(seen)), boundary & (count > 0), mean
 
 
 def world_scores(world, samples, prompt_ids, world_state=None) -> dict:
@@ -147,15 +147,16 @@ class MetricsWriter:
 
 
 class Trainer:
-    """Wires model, world (conditioning + reward), sampler, optimizer, mesh and checkpoints from a config.
+    """Wires model, world (conditioning + reward), method, optimizer, mesh and checkpoints from a config.
 
     `prediction` says what the model outputs ("velocity" as SD3.5, or "sample": the clean image, as
     the shapes base model); samplers and losses always see the velocity (flowjax.models.prediction).
     """
 
     def __init__(self, config, workdir, *, model: nnx.Module, world, mesh=None, prediction: str = "velocity"):
-        validate(config)
+        self.method = validate(config)
         check_prediction(prediction)
+        check_world(world)
         self.config, self.world = config, world
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -168,14 +169,9 @@ class Trainer:
         if self.batch_size % dp or (self.batch_size // t.minibatches) % dp:
             raise ValueError(f"batch {self.batch_size} and minibatch {self.batch_size // t.minibatches} must divide "
                              f"evenly over the {dp} data-parallel devices of the mesh")
-        self.sigmas = sampling.sigmas(s.num_steps, s.shift)
+        self.sigmas = self.method.schedule(s.num_steps, s.shift)
         self.eval_sigmas = sampling.sigmas(s.eval_num_steps, s.shift)
-        self.method_cfg = MethodConfig(
-            kind=s.kind, noise_level=float(s.noise_level), guidance=float(s.guidance),
-            clip_range=t.clip_range, beta=t.beta, adv_clip=t.adv_clip, timestep_fraction=t.timestep_fraction,
-            p=t.awm_p, num_train_timesteps=t.awm_num_train_timesteps, ema_beta=t.awm_ema_beta,
-            adv_scale=t.awm_adv_scale, mix=t.nft_mix, kl_beta=t.nft_kl_beta,
-        )
+        self.ema_spec = self.method.eval_ema()
 
         # Trainable vs frozen; the reference policy is LoRA off (zero adapters) or the initial weights.
         if config.lora.rank > 0:
@@ -189,26 +185,26 @@ class Trainer:
         params = sharding_lib.shard_state(params, self.mesh, rules)
         self.frozen = sharding_lib.shard_state(frozen, self.mesh, rules)
         self.ref_params = lora.disabled(params) if config.lora.rank > 0 else params
+        self.graphdef = graphdef
+
         def apply(p, x, timesteps, ctx, pooled, *, frozen):
             out = nnx.merge(graphdef, p, frozen)(x, timesteps, ctx, pooled)
             return to_velocity(out, x, timesteps / 1000.0, prediction)
 
         self.apply = apply
-
-        self.optimizer = optax.MultiSteps(
-            optax.chain(
-                optax.clip_by_global_norm(t.max_grad_norm),
-                optax.adamw(learning_rate(t), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                            weight_decay=t.weight_decay),
-            ),
-            every_k_schedule=t.grad_accum,
+        self.optimizer = optax.chain(
+            optax.clip_by_global_norm(t.max_grad_norm),
+            optax.adamw(learning_rate(t), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay),
         )
-        old = params if config.method in ("awm", "nft") else None
+        copy = lambda tree: jax.tree.map(jnp.copy, tree)
+        zero = jnp.zeros((), jnp.int32)
         self.state = TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params), old_params=old,
-            key=jax.random.PRNGKey(config.seed), nan_steps=jnp.zeros((), jnp.int32),
+            step=zero, opt_step=zero, params=params, opt_state=self.optimizer.init(params),
+            method=copy(self.method.init_state(params)), ema=copy(params) if self.ema_spec else None,
+            key=jax.random.PRNGKey(config.seed), nan_steps=zero,
         )
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self._build_jitted()
 
         self.checkpoints = ocp.CheckpointManager(
@@ -221,84 +217,90 @@ class Trainer:
     # ------------------------------------------------------------------ jitted functions
 
     def _build_jitted(self):
-        cfg, sigmas, s = self.method_cfg, self.sigmas, self.config.sample
+        method, spec, s, t = self.method, self.method.rollout_spec(), self.config.sample, self.config.train
+        sigmas, ema_spec = self.sigmas, self.ema_spec
 
         def apply_with(frozen):
             return lambda p, *a: self.apply(p, *a, frozen=frozen)
 
+        def sample(params, frozen, cond, noise, key, sigmas, kind, level, guidance, **kwargs):
+            v = lambda x, sig: velocity(apply_with(frozen), params, x, sig, cond, guidance)
+            return sampling.rollout(v, noise, sigmas, key, kind=kind, noise_level=level, **kwargs)
+
         @jax.jit
-        def rollout(params, frozen, cond, noise, key, window_start):
-            window = None if not s.window_size else (window_start, window_start + s.window_size)
-            return steps.rollout(apply_with(frozen), params, cond, noise, key, sigmas=sigmas, kind=cfg.kind,
-                                 noise_level=cfg.noise_level, guidance=cfg.guidance, window=window)
+        def rollout(params, frozen, cond, noise, key, window):
+            out = sample(params, frozen, cond, noise, key, sigmas, spec.kind, spec.noise_level, spec.guidance,
+                         **spec.kwargs(), **method.rollout_kwargs(window))
+            return method.keep(out, window), out.latents[-1]
 
         @jax.jit
         def evaluate(params, frozen, cond, noise):
-            return steps.rollout(apply_with(frozen), params, cond, noise, None, sigmas=self.eval_sigmas, kind="ode",
-                                 noise_level=0.0, guidance=float(s.eval_guidance)).latents[-1]
-
-        method = self.config.method
-        n_train = int(s.num_steps * cfg.timestep_fraction)
+            return sample(params, frozen, cond, noise, None, self.eval_sigmas, "ode", 0.0,
+                          float(s.eval_guidance)).latents[-1]
 
         @jax.jit
-        def update(state: TrainState, frozen, ref_params, mb: steps.Minibatch, window_start, key):
-            apply = apply_with(frozen)
-            if method == "grpo":
-                idx = (window_start + jnp.arange(s.window_size)) if s.window_size else jnp.arange(n_train)
-                grads, metrics = steps.grpo_grads(apply, state.params, ref_params, mb, idx, key, cfg=cfg, sigmas=sigmas)
-            elif method == "awm":
-                grads, metrics = steps.awm_grads(apply, state.params, ref_params, state.old_params, mb, key,
-                                                 cfg=cfg, sigmas=sigmas)
-            else:
-                grads, metrics = steps.nft_grads(apply, state.params, ref_params, state.old_params, mb, key,
-                                                 cfg=cfg, sigmas=sigmas)
-            # NaN guard: a non-finite loss or gradient skips the step (params and optimizer untouched).
-            finite = jnp.isfinite(metrics["loss"]) & jnp.all(
-                jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            metrics["grad_norm"] = optax.global_norm(grads)
-            return state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                                 nan_steps=state.nan_steps + (~finite).astype(jnp.int32)), metrics
-
-        @jax.jit
-        def end_of_epoch(state: TrainState):
-            """The old / EMA policy follows the policy once per epoch, with a step-dependent decay."""
-            if method == "awm":
-                decay = awm.awm_ema_decay(state.step, max_decay=self.config.train.awm_ema_max_decay,
-                                          rate=self.config.train.awm_ema_rate)
-            elif method == "nft":
-                decay = nft.old_policy_decay(state.step, self.config.train.nft_decay_type)
-            else:
-                return state.replace(step=state.step + 1)
-            old = nft.ema_update(state.old_params, state.params, decay)
-            return state.replace(old_params=old, step=state.step + 1)
-
-        t = self.config.train
-
-        @jax.jit
-        def score(samples, prompt_ids, group_ids, world_state):
-            """Rewards -> advantages over the global batch, and the reward statistics to log."""
+        def score(samples, prompt_ids, group_ids, world_state, keep):
+            """Rewards -> the method's advantages over the global batch, and the reward statistics to log."""
             scores = world_scores(self.world, samples, prompt_ids, world_state)
             rewards = scores.pop("reward")
-            advantages = adv_lib.group_advantages(rewards, group_ids, num_groups=t.prompts_per_batch,
-                                                  std=t.adv_std, clip=None)  # each loss clips its own way
+            advantages = method.advantages(rewards, group_ids, t.prompts_per_batch, keep)
             stats = adv_lib.group_reward_stats(rewards, group_ids, num_groups=t.prompts_per_batch)
             return advantages, {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
                                 **{f"reward/{k}": jnp.nanmean(v) for k, v in scores.items()},
                                 **{f"group/{k}": v for k, v in stats.items()}}
 
+        @functools.partial(jax.jit, out_shardings=self.replicated)  # every process reads the same plan
+        def plan(advantages, key):
+            return method.plan(advantages, key, t.minibatches)
+
+        def ema_step(ema, params, opt_step, due=True):
+            return jax.lax.cond(due, lambda: eval_ema_step(ema, params, ema_spec, opt_step), lambda: ema)
+
+        @jax.jit
+        def update(state: TrainState, acc, frozen, ref_params, mb, window, key):
+            ctx = Context(apply_with(frozen), ref_params, sigmas)
+            grads, metrics = method.grads(ctx, state.params, state.method, mb, window, key)
+            # NaN guard: a non-finite loss or gradient is left out of its accumulation window's mean.
+            finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+                jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+            acc, do_step, mean = accumulate_window(acc, grads, finite, t.grad_accum)
+
+            def step(_):
+                updates, opt_state = self.optimizer.update(mean, state.opt_state, state.params)
+                return optax.apply_updates(state.params, updates), opt_state
+
+            params, opt_state = jax.lax.cond(do_step, step, lambda _: (state.params, state.opt_state), None)
+            opt_step = state.opt_step + do_step.astype(jnp.int32)
+            ema = state.ema
+            if ema_spec is not None and ema_spec.cadence == "microbatch":
+                ema = ema_step(ema, params, opt_step)
+            elif ema_spec is not None and ema_spec.cadence == "update":
+                ema = ema_step(ema, params, opt_step, do_step)
+            metrics["grad_norm"] = optax.global_norm(grads)
+            state = state.replace(params=params, opt_state=opt_state, opt_step=opt_step, ema=ema,
+                                  nan_steps=state.nan_steps + (~finite).astype(jnp.int32))
+            return state, acc, metrics
+
+        @jax.jit
+        def end_of_epoch(state: TrainState):
+            """The method's state updates after the epoch's optimizer steps (old / KL-EMA policies)."""
+            method_state, metrics = method.end_of_epoch(state.method, state.params, state.opt_step)
+            ema = state.ema
+            if ema_spec is not None and ema_spec.cadence == "epoch":
+                ema = ema_step(ema, state.params, state.opt_step)
+            return state.replace(method=method_state, ema=ema, step=state.step + 1), metrics
+
         eval_world = self.eval_world
 
         # Replicated outputs: every process reads the whole per-sample evaluation (multi-host safe).
-        @functools.partial(jax.jit, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        @functools.partial(jax.jit, out_shardings=self.replicated)
         def eval_scores(samples, prompt_ids, world_state):
             """Per-sample reward (and strict accuracy or reward components when the world has them)."""
             return world_scores(eval_world, samples, prompt_ids, world_state)
 
+        zeros = jax.jit(lambda p: (jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
         self._rollout, self._evaluate, self._update, self._end_of_epoch = rollout, evaluate, update, end_of_epoch
-        self._score, self._eval_scores = score, eval_scores
+        self._score, self._plan, self._eval_scores, self._zero_acc = score, plan, eval_scores, zeros
 
     # ------------------------------------------------------------------ data
 
@@ -313,7 +315,7 @@ class Trainer:
         world = world or self.world
         ctx, pooled = world.encode(jnp.asarray(prompt_ids))
         neg_ctx, neg_pooled = world.negative(len(prompt_ids))
-        return steps.Cond(*(self._global(np.asarray(a, np.float32)) for a in (ctx, pooled, neg_ctx, neg_pooled)))
+        return Cond(*(self._global(np.asarray(a, np.float32)) for a in (ctx, pooled, neg_ctx, neg_pooled)))
 
     def _noise(self, key, batch, group_ids=None):
         shape = (*self.config.sample.latent_size, self.world.channels)
@@ -322,7 +324,7 @@ class Trainer:
             noise = noise[np.asarray([np.flatnonzero(group_ids == g)[0] for g in group_ids])]
         return self._global(noise)
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ evaluation
 
     @property
     def eval_world(self):
@@ -339,33 +341,44 @@ class Trainer:
         return np.resize(ids, -(-len(ids) // self._dp()) * self._dp()), len(ids)
 
     def evaluate(self, grid_name: str | None = None) -> dict:
-        """ODE samples of the evaluation prompts from fixed noise: mean reward and strict accuracy
-        (per task too when the world names tasks), and a captioned grid under samples/ if asked."""
+        """ODE samples of the evaluation prompts from fixed noise, for the policy (`eval/...`) and, when the
+        method keeps one, its EMA copy (`eval_ema/...`): mean reward and strict accuracy (per task too
+        when the world names tasks), and a captioned grid of the policy's samples under samples/ if asked."""
+        out = self._evaluate_params(self.state.params, "eval", grid_name)
+        if self.state.ema is not None:
+            out.update(self._evaluate_params(self.state.ema, "eval_ema", None))
+        return out
+
+    def _evaluate_params(self, params, prefix: str, grid_name: str | None) -> dict:
         ids, n = self.eval_prompt_ids()
         world = self.eval_world
         noise = self._noise(jax.random.PRNGKey(10_000 + self.config.seed), len(ids))
-        samples = self._evaluate(self.state.params, self.frozen, self._cond(ids, world), noise)
+        samples = self._evaluate(params, self.frozen, self._cond(ids, world), noise)
         scores = jax.device_get(self._eval_scores(samples, self._global(ids.astype(np.int32)),
                                                   getattr(world, "state", None)))
-        out = {f"eval/{k}_mean" if k == "reward" else f"eval/{k}": float(np.nanmean(v[:n])) for k, v in scores.items()}
+        out = {f"{prefix}/{k}_mean" if k == "reward" else f"{prefix}/{k}": float(np.nanmean(v[:n]))
+               for k, v in scores.items()}
         if "accuracy" in scores and hasattr(world, "task_names"):
             tasks = np.asarray(world.task_names(ids[:n]))
             for task in dict.fromkeys(tasks):
-                out[f"eval/accuracy_{task}"] = float(np.mean(scores["accuracy"][:n][tasks == task]))
+                out[f"{prefix}/accuracy_{task}"] = float(np.mean(scores["accuracy"][:n][tasks == task]))
         if grid_name and hasattr(world, "images"):
             g = self.config.get("grid_size", 32)
             # Every process joins the replicated gather (multi-host); only process 0 draws.
-            to_images = jax.jit(lambda x: world.images(x[:g]), out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+            to_images = jax.jit(lambda x: world.images(x[:g]), out_shardings=self.replicated)
             images = np.asarray(jax.device_get(to_images(samples)))
-        if grid_name and self.is_main and hasattr(world, "images"):
-            correct = scores["accuracy"][:g] if "accuracy" in scores else None
-            title = f"step {int(self.state.step)}" + (f": accuracy {out['eval/accuracy']:.2f}" if "eval/accuracy" in out else "")
-            plots.save_grid(images, world.captions(ids[:g]), self.workdir / "samples" / grid_name, correct=correct,
-                            title=title)
+            if self.is_main:
+                correct = scores["accuracy"][:g] if "accuracy" in scores else None
+                title = f"step {int(self.state.step)}" + (
+                    f": accuracy {out[f'{prefix}/accuracy']:.2f}" if f"{prefix}/accuracy" in out else "")
+                plots.save_grid(images, world.captions(ids[:g]), self.workdir / "samples" / grid_name,
+                                correct=correct, title=title)
         return out
 
     def _dp(self):
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    # ------------------------------------------------------------------ loop
 
     def train_step(self) -> dict:
         """One epoch of the references: a batch of rollouts, then `minibatches` updates on it."""
@@ -374,38 +387,38 @@ class Trainer:
         prompt_ids, group_ids = self.sampler.batch(step)
         key = jax.random.fold_in(self.state.key, step)
         k_noise, k_sample, k_window, k_perm, k_train = jax.random.split(key, 5)
-        window_start = (sampling.sample_window(k_window, c.sample.num_steps, c.sample.window_size,
-                                               max_start=c.sample.get("window_max_start"))[0]
-                        if c.sample.window_size else jnp.zeros((), jnp.int32))
+        window = self.method.window(step, k_window)
         cond = self._cond(prompt_ids)
-        sample_params = self.state.old_params if c.method == "nft" else self.state.params
+        sampler = self.method.rollout_spec().sampler
+        sample_params = self.state.params if sampler == "policy" else self.state.method[sampler]
         t0 = time.perf_counter()
-        out = self._rollout(sample_params, self.frozen, cond, self._noise(k_noise, self.batch_size, group_ids),
-                            k_sample, window_start)
-        samples = out.latents[-1]
+        keep, samples = self._rollout(sample_params, self.frozen, cond,
+                                      self._noise(k_noise, self.batch_size, group_ids), k_sample, window)
         advantages, reward_metrics = self._score(samples, self._global(prompt_ids.astype(np.int32)),
                                                  self._global(group_ids.astype(np.int32)),
-                                                 getattr(self.world, "state", None))
+                                                 getattr(self.world, "state", None), keep)
         t_sample = time.perf_counter() - t0
 
-        keep = out.latents if c.method == "grpo" else samples
-        perm = np.asarray(jax.random.permutation(k_perm, self.batch_size))
+        order, weights = (np.asarray(a) for a in jax.device_get(self._plan(advantages, k_perm)))
         size = self.batch_size // t.minibatches
-        logs = []
+        acc, logs = self._zero_acc(self.state.params), []
         for i in range(t.minibatches):
-            rows = perm[i * size:(i + 1) * size]
-            lat = keep[:, rows] if c.method == "grpo" else keep[rows]
-            mb = steps.Minibatch(cond.rows(rows), lat, out.log_probs[:, rows], advantages[rows])
-            self.state, m = self._update(self.state, self.frozen, self.ref_params, mb, window_start,
-                                         jax.random.fold_in(k_train, i))
+            rows = order[i * size:(i + 1) * size]
+            mb = {k: v[rows] for k, v in keep.items()}
+            mb.update(cond=cond.rows(rows), advantages=advantages[rows],
+                      weights=self._global(weights[i * size:(i + 1) * size]))
+            self.state, acc, m = self._update(self.state, acc, self.frozen, self.ref_params, mb, window,
+                                              jax.random.fold_in(k_train, i))
             logs.append(m)
-        self.state = self._end_of_epoch(self.state)
+        self.state, epoch_metrics = self._end_of_epoch(self.state)
         if int(self.state.nan_steps) > t.max_nan_steps:
             raise FloatingPointError(f"{int(self.state.nan_steps)} updates had a non-finite loss or gradient "
                                      f"(train.max_nan_steps={t.max_nan_steps}); lower train.lr or check the reward")
         metrics = {k: np.mean([float(m[k]) for m in logs]) for k in logs[0]}
         metrics.update(reward_metrics)
-        metrics.update({"time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0,
+        metrics.update({k: float(v) for k, v in epoch_metrics.items()})
+        metrics.update({"train/kept_fraction": float(weights.mean()), "train/opt_steps": int(self.state.opt_step),
+                        "time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0,
                         "nan_steps": self.state.nan_steps})
         return metrics
 
@@ -432,7 +445,7 @@ class Trainer:
                 self.checkpoints.save(step, args=ocp.args.StandardSave(self.state))
         self.checkpoints.wait_until_finished()
         if self.is_main and self.metrics.path.exists():
-            plots.plot_metrics(self.metrics.path, self.workdir / "curves.png", title=f"{c.method} ({c.sample.kind})")
+            plots.plot_metrics(self.metrics.path, self.workdir / "curves.png", title=f"{c.method} ({c.get('variant', '')})")
 
     def _restore(self) -> int | None:
         """Loads the latest checkpoint, if any; returns its step."""

@@ -1,0 +1,259 @@
+"""What a flow-RL method is to the trainer, and the registry that maps `config.method` to one.
+
+A method is one module under `flowjax/rl/` with one `Method` subclass that owns everything
+method-specific:
+
+  defaults()        its config section, `config.<name>` (published defaults; config files override)
+  validate()        refuses impossible settings with a message naming the fix
+  rollout_spec()    what its rollouts need: sampler kind, noise level, CFG, solver options, and whose
+                    parameters sample ("policy", or "old" for DiffusionNFT's old policy)
+  schedule()        the sigma schedule of its rollouts (SD3's by default)
+  init_state()      its own state (old policy, KL-EMA policy, ...), checkpointed with the rest
+  window()          per-epoch rollout information drawn before sampling (MixGRPO's window start)
+  keep()            what it keeps of a rollout for training (batch-first arrays)
+  advantages()      rewards -> advantages ([B] or per sampler step [B, T]); group normalisation by default
+  plan()            how the epoch's rows go into minibatches (and with which weights)
+  grads()           the mean gradient and metrics of one minibatch (pure, jitted by the trainer)
+  end_of_epoch()    its state updates after the epoch's optimizer steps
+  eval_ema()        its EMA evaluation copy: decay, interval and cadence, or None
+
+The trainer (`flowjax.rl.trainer`) names no method: it builds `build_method(config)` and calls these.
+Adding a method is one file with a `Method` subclass, a line in `_REGISTRY` (or `register()` from
+user code) and a config variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flowjax import sampling
+from flowjax.rl import advantages as adv_lib
+
+CADENCES = ("microbatch", "update", "epoch")
+SAMPLERS = ("policy", "old")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    """What a method's rollouts need (hashable: the trainer jits one rollout program per spec)."""
+
+    kind: str  # a sampling kernel (sampling.KINDS) or solver
+    noise_level: float = 0.0
+    guidance: float = 1.0  # classifier-free guidance scale of the rollout
+    sampler: str = "policy"  # whose parameters sample: "policy", or "old" (the method state's "old" entry)
+    options: tuple = ()  # extra keyword arguments of sampling.rollout, as sorted (name, value) pairs
+
+    def kwargs(self) -> dict:
+        return dict(self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalEMA:
+    """An EMA copy of the trainable parameters that evaluations and exports can use.
+
+    Follows flow_grpo `flow_grpo/ema.py` `EMAModuleWrapper` (yifan123/flow_grpo ac4c86e): at each call
+    with optimizer-step counter `s`, when (s + 1) % every == 0,
+    ema <- ema + (1 - d)(params - ema), d = min((1 + s) / (10 + s), decay).
+    cadence says when the references call it: "microbatch" (Flow-GRPO: after every micro-batch),
+    "update" (DiffusionNFT: after every optimizer step), "epoch" (AWM: once after the epoch's updates).
+    """
+
+    decay: float
+    every: int = 1
+    cadence: str = "update"
+
+
+class Cond(NamedTuple):
+    """Conditioning of a batch: text and pooled embeddings, and the negative ones for CFG."""
+
+    ctx: jax.Array
+    pooled: jax.Array
+    neg_ctx: jax.Array
+    neg_pooled: jax.Array
+
+    def rows(self, idx):
+        return Cond(*(a[idx] for a in self))
+
+
+class Context(NamedTuple):
+    """What `Method.grads` gets from the trainer besides the parameters and the minibatch."""
+
+    apply: Callable[..., jax.Array]  # apply(params, x, timesteps (sigma * 1000), ctx, pooled) -> velocity
+    ref_params: Any  # the reference policy (LoRA off, or the initial weights)
+    sigmas: jax.Array  # the rollout schedule [T + 1]
+
+
+class Method:
+    """Base class: the defaults that most methods share. See the module docstring."""
+
+    name: ClassVar[str]
+    # The metric names `grads` returns (besides the trainer's own grad_norm); checked by the tests.
+    metric_names: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __init__(self, config):
+        self.config = config
+        if self.name not in config:
+            raise ValueError(f"config.method={self.name!r} needs its section config.{self.name}; start from "
+                             f"{type(self).__module__}.{type(self).__name__}.defaults()")
+        self.cfg = config[self.name]
+
+    # ---------------------------------------------------------------- configuration
+
+    @staticmethod
+    def defaults() -> ml_collections.ConfigDict:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Checks shared by every method; subclasses add theirs (and call this)."""
+        spec = self.rollout_spec()
+        if spec.sampler not in SAMPLERS:
+            raise ValueError(f"{self.name}: rollout sampler must be one of {SAMPLERS}, got {spec.sampler!r}")
+        ema = self.eval_ema()
+        if ema is not None:
+            if ema.cadence not in CADENCES:
+                raise ValueError(f"config.{self.name}.eval_ema.cadence must be one of {CADENCES}, got {ema.cadence!r}")
+            if not 0.0 < ema.decay < 1.0 or ema.every < 1:
+                raise ValueError(f"config.{self.name}.eval_ema needs 0 < decay < 1 (0 turns it off) and every >= 1, "
+                                 f"got decay={ema.decay}, every={ema.every}")
+
+    def eval_ema(self) -> EvalEMA | None:
+        """From `config.<name>.eval_ema` (decay 0 = no EMA copy)."""
+        e = self.cfg.get("eval_ema")
+        if e is None or not e.decay:
+            return None
+        return EvalEMA(float(e.decay), int(e.every), str(e.cadence))
+
+    # ---------------------------------------------------------------- rollouts
+
+    def rollout_spec(self) -> RolloutSpec:
+        raise NotImplementedError
+
+    def schedule(self, num_steps: int, shift: float) -> jax.Array:
+        """The rollout's sigma schedule [num_steps + 1]."""
+        return sampling.sigmas(num_steps, shift)
+
+    def init_state(self, params) -> Any:
+        """The method's own pytree (old / EMA policies ...); None when it has none."""
+        return None
+
+    def window(self, epoch: int, key) -> jax.Array:
+        """Per-epoch rollout information drawn before sampling (an int32 scalar; 0 when unused)."""
+        return jnp.zeros((), jnp.int32)
+
+    def rollout_kwargs(self, window) -> dict:
+        """Traced keyword arguments of sampling.rollout that depend on `window` (e.g. sde_window)."""
+        return {}
+
+    def keep(self, out: sampling.Rollout, window) -> dict:
+        """What training needs of a rollout, batch-first. Default: the final samples only."""
+        return {"x0": out.latents[-1]}
+
+    # ---------------------------------------------------------------- advantages and minibatches
+
+    def advantages(self, rewards, group_ids, num_groups: int, keep: dict):
+        """Per-prompt group advantages (Flow-GRPO's PerPromptStatTracker) from `config.advantage`."""
+        a = self.config.get("advantage") or {}
+        return adv_lib.group_advantages(rewards, group_ids, num_groups=num_groups, std=a.get("std", "global"),
+                                        eps=a.get("eps", 1e-4), ddof=a.get("ddof", 0), clip=None)
+
+    def plan(self, advantages, key, minibatches: int):
+        """(order [B], weights [B]): minibatch i is rows order[i*m:(i+1)*m], each row weighted in its
+        minibatch's mean. Default: a random permutation, every row weight 1."""
+        b = advantages.shape[0]
+        return jax.random.permutation(key, b), jnp.ones((b,), jnp.float32)
+
+    # ---------------------------------------------------------------- training
+
+    def grads(self, ctx: Context, params, state, mb: dict, window, key):
+        raise NotImplementedError
+
+    def end_of_epoch(self, state, params, opt_step):
+        """(new state, metrics) after the epoch's optimizer steps; `opt_step` counts optimizer steps."""
+        return state, {}
+
+
+# ------------------------------------------------------------------------------------ shared pieces
+
+
+def accumulate(loss_fn, params, steps):
+    """Mean gradient and mean metrics of `loss_fn(params, step_input)` over the leading axis of `steps`,
+    scanned, so memory holds one step's activations (the references' accumulation over timesteps)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(acc, s):
+        (_, metrics), g = grad_fn(params, s)
+        return jax.tree.map(jnp.add, acc, g), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, metrics = jax.lax.scan(body, zeros, steps)
+    n = jax.tree.leaves(steps)[0].shape[0]
+    return jax.tree.map(lambda g: g / n, grads), jax.tree.map(jnp.mean, metrics)
+
+
+def velocity(apply, params, x, sigma, cond, guidance: float):
+    """The (CFG) velocity at sigma [B]: uncond + g * (cond - uncond), one batched forward for both.
+
+    `cond` is a `Cond`; the MMDiT takes timesteps = sigma * 1000 (diffusers units), as its sinusoidal
+    embedding was trained on them.
+    """
+    t = sigma * 1000.0
+    if guidance == 1.0:
+        return apply(params, x, t, cond.ctx, cond.pooled).astype(jnp.float32)
+    both = lambda a, b: jnp.concatenate([a, b], axis=0)
+    v = apply(params, both(x, x), both(t, t), both(cond.neg_ctx, cond.ctx), both(cond.neg_pooled, cond.pooled))
+    v_uncond, v_cond = jnp.split(v.astype(jnp.float32), 2, axis=0)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def check_fraction(name: str, value, num_steps: int, *, minimum: int = 1) -> int:
+    """int(num_steps * value), refused when it leaves fewer than `minimum` steps."""
+    n = int(num_steps * value)
+    if n < minimum:
+        raise ValueError(f"{name}={value} x sample.num_steps={num_steps} leaves {n} step(s) to train; "
+                         f"it needs at least {minimum}")
+    return n
+
+
+# ------------------------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, str] = {
+    "grpo": "flowjax.rl.grpo:FlowGRPO",
+    "awm": "flowjax.rl.awm:AWM",
+    "nft": "flowjax.rl.nft:DiffusionNFT",
+}
+
+
+def register(name: str, target: str | type) -> None:
+    """Adds a method: `target` is a Method subclass or its "module:Class" path (imported on first use)."""
+    _REGISTRY[name] = target
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        raise ValueError(f"method must be one of {method_names()}, got {name!r}")
+    target = _REGISTRY[name]
+    if isinstance(target, str):
+        module, cls = target.split(":")
+        target = getattr(importlib.import_module(module), cls)
+    return target
+
+
+def build_method(config) -> Method:
+    return method_class(config.method)(config)
+
+
+def as_options(**kwargs) -> tuple:
+    """Hashable rollout options for RolloutSpec.options (lists become tuples)."""
+    norm = lambda v: tuple(v) if isinstance(v, (list, np.ndarray)) else v
+    return tuple(sorted((k, norm(v)) for k, v in kwargs.items()))
