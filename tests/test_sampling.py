@@ -1,14 +1,9 @@
 """flowjax.sampling against diffusers' schedule, closed forms and the reference formulas.
 
-With Gaussian data x0 ~ N(mu, s0^2) per dim, x_sigma = (1 - sigma) x0 + sigma eps is Gaussian
-with mean m = (1 - sigma) mu and variance V = (1 - sigma)^2 s0^2 + sigma^2, and the exact
-velocity E[eps - x0 | x_sigma] is linear:
-    Cov(eps, x) = sigma, Cov(x0, x) = (1 - sigma) s0^2
-    v(x) = (sigma - (1 - sigma) s0^2) / V * (x - m) - mu.
-So every kernel is an affine map plus Gaussian noise, and the exact moments of the discrete
-chain follow from a float64 recursion: the Monte Carlo rollouts are compared with it within
-a few standard errors, and the recursion with the continuous-time marginal within the
-discretisation error.
+With Gaussian data (tests/gaussian_flow.py) the exact velocity is linear, so every kernel is an
+affine map plus Gaussian noise, and the exact moments of the discrete chain follow from a float64
+recursion: the Monte Carlo rollouts are compared with it within a few standard errors, and the
+recursion with the continuous-time marginal within the discretisation error.
 """
 
 import math
@@ -19,31 +14,7 @@ import numpy as np
 import pytest
 
 from flowjax import sampling
-
-MU = np.array([0.5, -1.0, 2.0, 0.0]).reshape(2, 2, 1)
-S0 = np.array([0.5, 1.5, 0.8, 1.0]).reshape(2, 2, 1)
-
-
-def _k(sig):
-    var = (1 - sig) ** 2 * S0**2 + sig**2
-    return (sig - (1 - sig) * S0**2) / var
-
-
-def velocity_np(x, sig):
-    """Exact velocity, numpy float64; sig scalar or [B]."""
-    sig = np.asarray(sig, np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
-    return _k(sig) * (x - (1 - sig) * MU) - MU
-
-
-def velocity_jax(x, sig_b):
-    sig = sig_b.reshape((-1, 1, 1, 1))
-    var = (1 - sig) ** 2 * S0**2 + sig**2
-    k = (sig - (1 - sig) * S0**2) / var
-    return (k * (x - (1 - sig) * MU) - MU).astype(jnp.float32)
-
-
-def true_moments(sig):
-    return (1 - sig) * MU, (1 - sig) ** 2 * S0**2 + sig**2
+from gaussian_flow import MU, true_moments, velocity_gain, velocity_jax, velocity_np
 
 
 def chain_moments(kind, sig, level):
@@ -53,7 +24,7 @@ def chain_moments(kind, sig, level):
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
         dt = sn - s
-        a_v, b_v = _k(s), -_k(s) * (1 - s) * MU - MU  # v = a_v x + b_v
+        a_v, b_v = velocity_gain(s), -velocity_gain(s) * (1 - s) * MU - MU  # v = a_v x + b_v
         if kind == "ode":
             a, b, std = 1 + dt * a_v, dt * b_v, 0.0
         elif kind in ("sde", "dance"):
