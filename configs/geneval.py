@@ -1,7 +1,7 @@
 """RL of Stable Diffusion 3.5 Medium on GenEval (compositional prompts, scored by a GenEval reward server).
 
   # 1. the GenEval reward server of Flow-GRPO (github.com/yifan123/reward-server, app_geneval.py), on port 18085
-  # 2. train (Flow-GRPO by default; :cps, :awm, :nft for the other methods):
+  # 2. train (Flow-GRPO by default; :cps, :cps_fast, :awm, :nft for the other methods):
   python -m flowjax.train --config=configs/geneval.py --workdir=runs/geneval \\
       --config.world.model=/path/to/stable-diffusion-3.5-medium
   python -m flowjax.train --config=configs/geneval.py:awm --workdir=runs/geneval_awm \\
@@ -15,22 +15,31 @@ The training reward is the server's partial-credit `scores`; evaluation (ODE, `s
 fixed noise, the first `sample.num_eval_prompts` test prompts) logs `eval/reward_mean`, the strict accuracy
 `eval/accuracy` (the server's strict_rewards) and per task `eval/accuracy_<tag>` to WORKDIR/metrics.jsonl.
 
-Variants (each method's published SD3.5-M settings; the batch sizes assume 32 GPUs' worth of devices, scale
-`train.prompts_per_batch` and `train.minibatches` / `train.grad_accum` down for fewer):
-- grpo (default), Flow-GRPO `config/grpo.py:geneval_sd3`: SDE sampler, noise level 0.7, 10 sampling steps,
-  CFG 4.5 in rollouts and training, 40-step evaluation at CFG 4.5, 48 prompts x 24 images per epoch, two
-  optimizer steps per epoch, clip range 1e-4, KL beta 0.04, timestep_fraction 0.99 (int(10 * 0.99) = 9 of
-  the 10 steps trained), global-std advantages, 512 px, T5 length 128.
-- cps: the same with the coefficients-preserving sampler (noise level 0.8).
-- awm, Advantage Weighted Matching `config/dgx_awm.py:geneval_sd3_no_cfg_*`: CFG-free 14-step ODE rollouts,
-  72 prompts x 24 per epoch, one optimizer step per epoch, 6 stratified timesteps over the first 90% of the
-  steps, beta 0.003, EMA KL weight 1, clip range 1.
-- nft, DiffusionNFT `config/nft.py:sd3_geneval`: CFG-free 10-step ODE rollouts with the old policy, 48 x 24,
-  one optimizer step per epoch, mix b 1.0, KL 1e-4, old-policy decay type 1, timestep_fraction 0.99.
+Variants (each method's published SD3.5-M recipe, sources and per-value citations in flowjax/recipes.py; the
+batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` and `train.minibatches` /
+`train.grad_accum` down for fewer devices):
+- grpo (default), Flow-GRPO `config/grpo.py:geneval_sd3`: SDE sampler, noise level 0.7, 10 steps, CFG 4.5 in
+  rollouts and training, 48 prompts x 24 images per epoch in 4 minibatches of 288, two optimizer steps per
+  epoch, clip range 1e-4, KL beta 0.04 (divided by 2 std_t^2), the first 9 of the 10 steps trained, rows whose
+  advantage is 0 left out, EMA evaluation copy (0.9, every 8 minibatches), evaluation every 60 epochs.
+- cps, Flow-CPS: the same with the coefficients-preserving sampler at noise level 0.7 and the undivided KL.
+- cps_fast, flow_grpo `geneval_sd3_fast_nocfg`: cps at 0.8, no CFG anywhere (evaluation included), clip 1e-5,
+  no KL, a 3-step SDE window starting in [0, 2] and only the window trained.
+- awm, AWM `config/dgx_awm.py:geneval_sd3_no_cfg_4nodes`: CFG-free 14-step SA-Solver rollouts (tau 0.4 on
+  sigma in [0.3, 0.9]), 72 prompts x 24 per epoch, one optimizer step per epoch over 18 minibatches of 96,
+  6 stratified timesteps per 3-row group, beta 0.001, KL-EMA weight 1, EMA copy 0.99 per epoch, evaluation
+  every 50 epochs.
+- nft, DiffusionNFT `config/nft.py:sd3_geneval`: CFG-free 10-step dpm2 rollouts with the old policy, 48 x 24 in
+  16 minibatches of 72, one optimizer step per epoch, mix b 1.0, KL 1e-4, old-policy decay type 1, EMA copy
+  0.9 per optimizer step, evaluation every 10 epochs.
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
-eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42.
-Differences from the references: AWM's SA-solver and DiffusionNFT's dpm2 solver are Euler ODE steps here;
-Flow-GRPO's EMA evaluation copy is not kept.
+eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages, 512 px, T5 length 128.
+What still differs from the references, and why:
+- one SDE window per epoch for cps_fast (flow_grpo draws one per pipeline call, seeded with the process index);
+- the zero-advantage filter and AWM's timestep draws work on the global batch / minibatch (the references do
+  both per process; the same with one process);
+- evaluation runs the first `sample.num_eval_prompts` test prompts (the references: the whole test split);
+- the reward server protocol (Flow-GRPO's, unchanged) is called from the jitted step through a callback.
 """
 
 import ml_collections

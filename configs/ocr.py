@@ -6,7 +6,7 @@
   #    OCR reward (flow_grpo/ocr.py) is 1 - min(d, len(text)) / len(text), d the edit distance between the
   #    PaddleOCR reading and the text (both without spaces, lower-cased; d = 0 when the text occurs in the
   #    reading); a server returning that reproduces it.
-  # 2. train (Flow-GRPO by default; :cps, :awm, :nft for the other methods):
+  # 2. train (Flow-GRPO by default; :cps, :cps_fast, :awm, :nft for the other methods):
   python -m flowjax.train --config=configs/ocr.py --workdir=runs/ocr \\
       --config.world.model=/path/to/stable-diffusion-3.5-medium --config.world.prompts=/path/to/flow_grpo/dataset/ocr
   python -m flowjax.train --config=configs/ocr.py:nft --workdir=runs/ocr_nft \\
@@ -20,23 +20,27 @@ steps, fixed noise, the first `sample.num_eval_prompts` test prompts) logs `eval
 WORKDIR/metrics.jsonl; extra per-sample keys of the server's reply are returned when named in
 `reward.metrics`.
 
-Variants (each method's published SD3.5-M settings; the batch sizes assume 32 GPUs' worth of devices, scale
-`train.prompts_per_batch` and `train.minibatches` / `train.grad_accum` down for fewer):
-- grpo (default), Flow-GRPO `config/grpo.py:general_ocr_sd3`: SDE sampler, noise level 0.7, 10 sampling
-  steps, CFG 4.5 in rollouts and training, 40-step evaluation at CFG 4.5, 48 prompts x 24 images per epoch,
-  two optimizer steps per epoch, clip range 1e-4, KL beta 0.04, timestep_fraction 0.99 (9 of the 10 steps
-  trained), global-std advantages, 512 px, T5 length 128.
-- cps: the same with the coefficients-preserving sampler (noise level 0.8).
-- awm, Advantage Weighted Matching `config/dgx_awm.py:ocr_sd3_no_cfg_*`: CFG-free 14-step ODE rollouts,
-  72 prompts x 24 per epoch, one optimizer step per epoch, 6 stratified timesteps over the first 90% of the
-  steps, beta 0.003, EMA KL weight 1, clip range 1.
-- nft, DiffusionNFT `config/nft.py:sd3_ocr`: CFG-free 10-step ODE rollouts with the old policy, 48 x 24,
-  two optimizer steps per epoch, mix b 0.1, KL 1e-4, old-policy decay type 2, timestep_fraction 0.99.
+Variants (each method's published SD3.5-M recipe, sources and per-value citations in flowjax/recipes.py; the
+batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` and `train.minibatches` /
+`train.grad_accum` down for fewer devices):
+- grpo (default), Flow-GRPO `config/grpo.py:general_ocr_sd3`: SDE sampler, noise level 0.7, 10 steps, CFG 4.5
+  in rollouts and training, 48 prompts x 24 images per epoch in 4 minibatches of 288, two optimizer steps per
+  epoch, clip range 1e-4, KL beta 0.04 (divided by 2 std_t^2), the first 9 of the 10 steps trained, rows whose
+  advantage is 0 left out, EMA evaluation copy (0.9, every 8 minibatches), evaluation every 60 epochs.
+- cps, Flow-CPS: the same with the coefficients-preserving sampler at noise level 0.7 and the undivided KL.
+  (flow_grpo publishes no fast CFG-free recipe for OCR, so there is no cps_fast variant here.)
+- awm, AWM `config/dgx_awm.py:ocr_sd3_no_cfg_4nodes`: CFG-free 14-step SA-Solver rollouts (tau 0.4 on sigma in
+  [0.3, 0.9]), 72 prompts x 24 per epoch, one optimizer step per epoch over 18 minibatches of 96, 6 stratified
+  timesteps per 3-row group, beta 0.003, KL-EMA weight 1, EMA copy 0.99 per epoch, evaluation every 20 epochs.
+- nft, DiffusionNFT `config/nft.py:sd3_ocr`: CFG-free 10-step dpm2 rollouts with the old policy, 48 x 24 in
+  16 minibatches of 72, two optimizer steps per epoch, mix b 0.1, KL 1e-4, old-policy decay type 2, EMA copy
+  0.9 per optimizer step, evaluation every 10 epochs.
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
-eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42.
-Differences from the references: the OCR model runs behind a server (Flow-GRPO calls PaddleOCR in-process);
-AWM's SA-solver and DiffusionNFT's dpm2 solver are Euler ODE steps here; Flow-GRPO's EMA evaluation copy is
-not kept.
+eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages, 512 px, T5 length 128.
+What still differs from the references, and why:
+- the zero-advantage filter and AWM's timestep draws work on the global batch / minibatch (the references do
+  both per process; the same with one process);
+- evaluation runs the first `sample.num_eval_prompts` test prompts (the references: the whole test split);
 """
 
 import ml_collections

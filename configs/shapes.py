@@ -75,7 +75,7 @@ def get_config(arg: str = "nft"):
             # a 3-step window anywhere in the 8 steps gained +0.000, a 3-step one inside the first 5 +0.043.
             m.window.update(size=2, schedule="random", range=(0, 4))
         if arg == "dance":  # DanceGRPO: its schedule, a random 60% of the steps per sample, unbiased group std
-            m.update(schedule="dance", random_steps=True, beta=0.0)
+            m.update(schedule="dance", random_steps=True, beta=0.0, integer_timesteps=True)
             c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
     elif c.method == "awm":
         # |A| clipped to 1 then scaled by 5 (adv_scale 1, advantage_max 5): the shapes recipe, not the published one.

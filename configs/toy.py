@@ -64,7 +64,7 @@ def get_config(arg: str = "grpo"):
         if arg == "mixgrpo":
             m.window.update(size=2, schedule="random", range=(0, 5))
         if arg == "dance":  # DanceGRPO: its schedule, a random 60% of the steps per sample, unbiased group std
-            m.update(schedule="dance", random_steps=True, timestep_fraction=0.6)
+            m.update(schedule="dance", random_steps=True, timestep_fraction=0.6, integer_timesteps=True)
             c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
     elif c.method == "awm":
         m.update(guidance=2.0, beta=0.0, ema_beta=0.0, adv_clip=None, num_train_timesteps=3, rows_per_draw=0)

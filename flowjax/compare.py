@@ -1,10 +1,11 @@
 """python -m flowjax.compare --config=configs/shapes.py --workdir=runs/compare [--variants=grpo,cps,mixgrpo,awm,nft]
 
 Runs every method variant of a config with the same budget (the config's `train.steps` x batch, or
-`--steps`), one workdir each (rerunning resumes or skips finished runs), then draws held-out accuracy
-against training wall-clock time and against the number of sampled images, one line per method:
-the small-scale analogue of the AWM / DiffusionNFT speed-up claims over Flow-GRPO. Writes
-WORKDIR/comparison.png and WORKDIR/comparison.md (a table of the numbers).
+`--steps`), for each of `--seeds`, one workdir each (rerunning resumes or skips finished runs), then draws
+held-out accuracy (mean over seeds, min-max band) against the number of sampled images, against model
+evaluations (NFEs: transformer forward passes of rollouts and training, a CFG pair counting 2) and against
+training wall-clock time, one line per method: the small-scale analogue of the AWM / DiffusionNFT speed-up
+claims over Flow-GRPO. Writes WORKDIR/comparison.png and WORKDIR/comparison.md (mean +- sd over seeds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ _OVERRIDES = flags.DEFINE_multi_string("set", [], "config overrides KEY=VALUE ap
 flags.mark_flags_as_required(["workdir"])
 
 LABELS = {"grpo": "Flow-GRPO (SDE)", "cps": "Flow-GRPO (CPS)", "mixgrpo": "MixGRPO (SDE window)",
-          "awm": "AWM", "nft": "DiffusionNFT", "dance": "DanceGRPO"}
+          "awm": "AWM", "nft": "DiffusionNFT", "dance": "DanceGRPO", "tempflow": "TempFlow-GRPO",
+          "gdro": "GDRO (online)", "gdro_offline": "GDRO (offline)", "euphonium": "Euphonium"}
+AXES = ("sampled images", "model evaluations (NFEs)", "training wall-clock (s)")
 
 
 def load_config_module(path: str):
@@ -52,13 +55,14 @@ def _apply_override(config, item: str):
 
 
 def curves(metrics_path: Path, batch_size: int):
-    """(wall-clock seconds of training, images sampled, held-out accuracy) at each evaluation."""
+    """[evals, 4]: (images sampled, NFEs, wall-clock seconds of training, held-out accuracy) at each evaluation."""
     rows = plots.read_metrics(metrics_path)
-    elapsed, out = 0.0, []
+    elapsed, nfes, out = 0.0, 0.0, []
     for r in rows:
         elapsed += r.get("time/step_s", 0.0)
+        nfes += r.get("nfe/rollout", 0.0) + r.get("nfe/train", 0.0)
         if "eval/accuracy" in r:
-            out.append((elapsed, r["step"] * batch_size, r["eval/accuracy"]))
+            out.append((r["step"] * batch_size, nfes, elapsed, r["eval/accuracy"]))
     return np.asarray(out)
 
 
@@ -82,26 +86,28 @@ def run_variant(module, variant: str, seed: int, workdir: Path, steps: int | Non
 
 def draw(results: dict[str, list[np.ndarray]], path: Path, title: str) -> dict[str, dict]:
     """The two-panel comparison figure; returns per-variant summary numbers."""
-    fig, axes = plots.plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plots.plt.subplots(1, 3, figsize=(15, 4))
     summary = {}
     for variant, runs in results.items():
         n = min(len(r) for r in runs)
-        stack = np.stack([r[:n] for r in runs])  # [seeds, evals, 3]
+        stack = np.stack([r[:n] for r in runs])  # [seeds, evals, 4]
         mean = stack.mean(0)
         label = LABELS.get(variant, variant)
-        for ax, col in zip(axes, (0, 1)):
-            ax.plot(mean[:, col], mean[:, 2], marker="o", markersize=3, label=label)
+        for col, ax in enumerate(axes):
+            ax.plot(mean[:, col], mean[:, 3], marker="o", markersize=3, label=label)
             if len(runs) > 1:
-                ax.fill_between(mean[:, col], stack[:, :, 2].min(0), stack[:, :, 2].max(0), alpha=0.15)
-        summary[variant] = dict(start=float(stack[:, 0, 2].mean()), end=float(stack[:, -1, 2].mean()),
-                                end_spread=float(stack[:, -1, 2].std()), train_minutes=float(mean[-1, 0] / 60),
-                                images=int(mean[-1, 1]), seeds=len(runs))
-    axes[0].set_xlabel("training wall-clock (s)")
-    axes[1].set_xlabel("sampled images")
-    for ax in axes:
+                ax.fill_between(mean[:, col], stack[:, :, 3].min(0), stack[:, :, 3].max(0), alpha=0.15)
+        gains = stack[:, -1, 3] - stack[:, 0, 3]
+        summary[variant] = dict(start=float(stack[:, 0, 3].mean()), end=float(stack[:, -1, 3].mean()),
+                                end_sd=float(stack[:, -1, 3].std(ddof=1)) if len(runs) > 1 else 0.0,
+                                gain=float(gains.mean()), gain_sd=float(gains.std(ddof=1)) if len(runs) > 1 else 0.0,
+                                images=int(mean[-1, 0]), nfes=float(mean[-1, 1]), train_minutes=float(mean[-1, 2] / 60),
+                                seeds=len(runs))
+    for ax, name in zip(axes, AXES):
+        ax.set_xlabel(name)
         ax.set_ylabel("held-out strict accuracy")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -109,13 +115,16 @@ def draw(results: dict[str, list[np.ndarray]], path: Path, title: str) -> dict[s
     return summary
 
 
-def table(summary: dict[str, dict]) -> str:
-    lines = ["| method | accuracy before | accuracy after | gain | training time (min) | sampled images |",
-             "|---|---|---|---|---|---|"]
+def table(summary: dict[str, dict], steps: int | None = None) -> str:
+    """Markdown: accuracy before / after and the gain as mean +- sd over seeds, NFEs, time, images."""
+    lines = ["| method | seeds | accuracy before | accuracy after | gain | NFEs per epoch | training time (min) "
+             "| sampled images |", "|---|---|---|---|---|---|---|---|"]
+    pm = lambda m, sd, n, fmt: f"{m:{fmt}} ± {sd:.3f}" if n > 1 else f"{m:{fmt}}"
     for v, s in summary.items():
-        spread = f" ± {s['end_spread']:.3f}" if s["seeds"] > 1 else ""
-        lines.append(f"| {LABELS.get(v, v)} | {s['start']:.3f} | {s['end']:.3f}{spread} | {s['end'] - s['start']:+.3f} "
-                     f"| {s['train_minutes']:.1f} | {s['images']} |")
+        per_epoch = f"{s['nfes'] / steps:,.0f}" if steps else f"{s['nfes']:,.0f} (total)"
+        lines.append(f"| {LABELS.get(v, v)} | {s['seeds']} | {s['start']:.3f} | {pm(s['end'], s['end_sd'], s['seeds'], '.3f')} "
+                     f"| {pm(s['gain'], s['gain_sd'], s['seeds'], '+.3f')} | {per_epoch} | {s['train_minutes']:.1f} "
+                     f"| {s['images']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +143,9 @@ def main(argv):
                                          _OVERRIDES.value)
             results.setdefault(variant, []).append(curves(metrics, batch))
     summary = draw(results, root / "comparison.png", f"{Path(_CONFIG.value).stem}: held-out accuracy, same budget")
-    (root / "comparison.md").write_text(table(summary))
-    print(table(summary))
+    steps = _STEPS.value or module.get_config(variants[0]).train.steps
+    (root / "comparison.md").write_text(table(summary, steps))
+    print(table(summary, steps))
     print(f"wrote {root / 'comparison.png'} and {root / 'comparison.md'}")
 
 

@@ -9,6 +9,8 @@ see launch/)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -54,7 +56,7 @@ def build(config, workdir, mesh=None) -> Trainer:
 
 def _build_shapes(config, workdir, mesh, dtype) -> Trainer:
     from flowjax.data import shapes
-    from flowjax.worlds.shapes import ShapesWorld, load_base
+    from flowjax.worlds.shapes import BASE_MODEL, ShapesWorld, load_base
 
     text_encoder, model, meta = load_base(config.world.base or None, dtype=dtype)
     size = meta["image_size"]
@@ -63,7 +65,9 @@ def _build_shapes(config, workdir, mesh, dtype) -> Trainer:
                          f"{tuple(config.sample.latent_size)}")
     split = shapes.split_prompts(meta["held_out_fraction"], meta["split_seed"])
     world = ShapesWorld(text_encoder, split["train"], image_size=size, eval_prompts=split["heldout"])
-    return Trainer(config, workdir, model=model, world=world, mesh=mesh, prediction=meta.get("prediction", "velocity"))
+    base = Path(config.world.base or BASE_MODEL) / "transformer"
+    return Trainer(config, workdir, model=model, world=world, mesh=mesh, prediction=meta.get("prediction", "velocity"),
+                   base=base)
 
 
 _FLAX_REWARDS = ("pickscore", "clipscore", "aesthetic", "hpsv2")
@@ -147,8 +151,6 @@ def load_reward(reward_config, mesh=None):
 
 def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
     """An SD3 / SD3.5 pipeline folder, its prompt set and reward (configs/geneval.py, ocr.py, pickscore.py)."""
-    from pathlib import Path
-
     from flowjax import sharding as sharding_lib
     from flowjax.data.prompts import load_prompts
     from flowjax.worlds.sd3 import SD3World
@@ -191,7 +193,8 @@ def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
                      precompute_limit=w.get("precompute_limit", 256),
                      encode_batch_size=w.get("encode_batch_size", 32),
                      metrics=tuple(config.reward.get("metrics", ())), sharding=batch_sharding)
-    return Trainer(config, workdir, model=pipe.transformer, world=world, mesh=mesh)
+    return Trainer(config, workdir, model=pipe.transformer, world=world, mesh=mesh,
+                   base=Path(w.model) / "transformer")
 
 
 def main(argv):

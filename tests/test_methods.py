@@ -52,9 +52,10 @@ def rollout_minibatch(method, config, key=1):
     cd = cond()
     from flowjax.rl.method import velocity
 
-    v = lambda x, s: velocity(linear_apply, PARAMS, x, s, cd, spec.guidance)
+    v = lambda x, s: velocity(linear_apply, PARAMS, x, s, cd, spec.guidance, spec.integer_timesteps)
     window = method.window(0, jax.random.key(5))
-    out = sampling.rollout(v, jax.random.normal(jax.random.key(key), (B, H, W, C)), sig, jax.random.key(key + 1),
+    grid = method.rollout_sigmas(config.sample.num_steps, config.sample.shift)
+    out = sampling.rollout(v, jax.random.normal(jax.random.key(key), (B, H, W, C)), grid, jax.random.key(key + 1),
                            kind=spec.kind, noise_level=spec.noise_level, **spec.kwargs(),
                            **method.rollout_kwargs(window))
     mb = dict(method.keep(out, window))
@@ -70,6 +71,7 @@ def test_registry_and_metric_names():
         mb, sig, window = rollout_minibatch(method, c)
         grads, metrics = jax.jit(lambda p, s, m, w, k: method.grads(Context(linear_apply, REF, sig), p, s, m, w, k))(
             PARAMS, state, mb, window, jax.random.key(3))
+        metrics.pop("skip", None)  # the trainer's signal for "nothing to train" (GRPO's empty windows)
         assert set(metrics) == set(method.metric_names), variant
         assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)), variant
         assert np.isfinite(float(metrics["loss"]))
@@ -119,7 +121,7 @@ def test_kl_term_follows_each_reference(kind):
     method, c = toy_method("cps" if kind == "cps" else "grpo", beta=0.5, guidance=1.0)
     mb, sig, window = rollout_minibatch(method, c)
     _, metrics = method.grads(Context(linear_apply, REF, sig), PARAMS, None, mb, window, jax.random.key(3))
-    steps = np.asarray(method.train_steps(window, jax.random.key(3), B))[:, 0]
+    steps = np.asarray(method.train_steps(window, jax.random.key(3), B)[0])[:, 0]
     lat, sig64 = np.asarray(mb["latents"], np.float64), np.asarray(sig, np.float64)
     kls = []
     for j in steps:
@@ -194,6 +196,51 @@ def test_windows_never_reach_the_final_step():
     c.grpo.timestep_fraction = 1.0
     with pytest.raises(ValueError, match="std is 0"):
         validate(c)
+
+
+def test_progressive_window_masks_and_skips():
+    """MixGRPO's progressive window (sampling.progressive_window, Tencent-Hunyuan/MixGRPO e5cdd6a) shrinks near
+    the end: slots past it are out of the means, and an empty window trains nothing and makes no step."""
+    method, c = toy_method("mixgrpo")
+    c.grpo.window.update(schedule="progressive", size=3, shift_interval=2)
+    method = validate(c)  # 6 steps: windows stop at step 4 (num_steps - 2)
+    starts = [tuple(np.asarray(method.window(e, None)).tolist()) for e in range(12)]
+    assert starts == [(0, 3), (0, 3), (1, 4), (1, 4), (2, 4), (2, 4), (3, 4), (3, 4), (4, 4), (4, 4), (0, 3), (0, 3)]
+    idx, valid = method.train_steps(jnp.asarray([2, 4]), None, B)
+    assert np.asarray(valid).tolist() == [True, True, False] and np.all(np.asarray(idx)[:2, 0] == [2, 3])
+    mb, sig, _ = rollout_minibatch(method, c)
+    ctx = Context(linear_apply, REF, sig)
+    _, m_part = method.grads(ctx, PARAMS, None, mb, jnp.asarray([2, 4]), jax.random.key(0))
+    _, m_full = method.grads(ctx, PARAMS, None, mb, jnp.asarray([2, 5]), jax.random.key(0))
+    assert not bool(m_part["skip"]) and float(m_part["loss"]) != float(m_full["loss"])
+    g_empty, m_empty = method.grads(ctx, PARAMS, None, mb, jnp.asarray([4, 4]), jax.random.key(0))
+    assert bool(m_empty["skip"]) and all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_empty))
+
+
+def test_dance_trains_a_random_subset_of_all_but_the_last_step():
+    """DanceGRPO (fastvideo/train_grpo_flux.py, 15cc71d): per sample randperm(N - 1)[:int((N - 1) * 0.6)]."""
+    method, c = toy_method("dance")
+    idx, valid = method.train_steps(None, jax.random.key(1), 64)
+    idx = np.asarray(idx)
+    assert idx.shape == (int((c.sample.num_steps - 1) * 0.6), 64) and np.all(np.asarray(valid))
+    assert idx.max() == c.sample.num_steps - 2 and all(len(set(col)) == len(col) for col in idx.T)
+    assert len({tuple(col) for col in idx.T}) > 1
+    spec = method.rollout_spec()
+    assert spec.kind == "dance" and spec.integer_timesteps
+    np.testing.assert_allclose(np.asarray(method.schedule(6, 3.0)), np.asarray(sampling.dance_sigmas(6, 3.0)))
+
+
+def test_solvers_and_grids_of_awm_and_nft():
+    """AWM samples with the SA-Solver on its own grid and trains on the standard one (train_sd3_awm.py
+    be51372); DiffusionNFT samples with dpm2 on integer timesteps (pipeline_with_logprob.py 24af555)."""
+    awm, c = toy_method("awm")
+    spec = awm.rollout_spec()
+    assert (spec.kind, spec.noise_level, spec.kwargs()) == ("sa_solver", 0.4, {"sa_tau_interval": (0.3, 0.9)})
+    np.testing.assert_array_equal(np.asarray(awm.rollout_sigmas(14, 3.0)), np.asarray(sampling.sa_solver_sigmas(14)))
+    np.testing.assert_array_equal(np.asarray(awm.schedule(14, 3.0)), np.asarray(sampling.sigmas(14)))
+    nft, _ = toy_method("nft")
+    spec = nft.rollout_spec()
+    assert (spec.kind, spec.sampler, spec.integer_timesteps) == ("dpm2", "old", True)
 
 
 def test_dance_advantages_use_the_unbiased_group_std():
@@ -288,3 +335,15 @@ def test_recipe_sections_round_trip_through_the_command_line_overrides():
     c = toy.get_config("awm")
     assert isinstance(c.awm, ml_collections.ConfigDict) and c.awm.kl_ema.schedule == "linear"
     assert AWM.defaults().eval_ema.to_dict() == {"decay": 0.99, "every": 1, "cadence": "epoch"}
+
+
+def test_nfe_counts():
+    """Model evaluations per epoch: rollout steps x CFG, plus each method's training forwards."""
+    grpo, c = toy_method("grpo", beta=0.04)  # CFG 2, 6 steps, 5 trained (0.9), policy + reference
+    assert grpo.nfes(16) == {"rollout": 6 * 2 * 16, "train": 5 * 16 * 2 * 2}
+    mix, _ = toy_method("mixgrpo", beta=0.0)
+    assert mix.nfes(16)["train"] == 2 * 16 * 2
+    awm, c = toy_method("awm", beta=0.1, ema_beta=1.0)
+    assert awm.nfes(16) == {"rollout": 6 * 2 * 16, "train": 3 * 16 * 3}
+    nft, _ = toy_method("nft")  # CFG-free; policy + old policy (no KL in the toy)
+    assert nft.nfes(16) == {"rollout": 6 * 16, "train": 5 * 16 * 2}

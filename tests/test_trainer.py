@@ -147,3 +147,37 @@ def test_command_line(tmp_path):
     assert "eval_ema/reward_mean" in rows[0] and "train/kept_fraction" in rows[1]
     assert (tmp_path / "checkpoints").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_export_of_a_run_policy_and_ema(tmp_path):
+    """`python -m flowjax.convert export-lora WORKDIR [--ema]` writes the run's latest policy or its EMA copy."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from flowjax import checkpoint
+    from flowjax.convert import CheckpointError
+
+    c = config("nft", steps=2)
+    c.eval_every = 2
+    trainer = build(c, tmp_path / "run", mesh=single_device_mesh())
+    trainer.train()
+    params, ema = jax.device_get((trainer.state.params, trainer.state.ema))
+    trainer.close()
+    flat = lambda tree: {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(tree))}
+    for use_ema, want in ((False, params), (True, ema)):
+        model = checkpoint.load_trained(tmp_path / "run", ema=use_ema)
+        got = flat(nnx.state(model, nnx.LoRAParam))
+        assert got.keys() == flat(want).keys()
+        for k, v in flat(want).items():
+            np.testing.assert_array_equal(got[k], v)
+    assert not all(np.array_equal(a, b) for a, b in zip(flat(params).values(), flat(ema).values()))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flowjax.convert", *a], capture_output=True, text=True,
+                                    env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=".")
+    out = run("export-lora", str(tmp_path / "run"), str(tmp_path / "lora_ema"), "--ema")
+    assert out.returncode == 0, out.stderr[-2000:]
+    weights = load_file(str(tmp_path / "lora_ema" / "pytorch_lora_weights.safetensors"))
+    assert weights and all(k.startswith("transformer.") for k in weights)
+    out = run("export-lora", str(tmp_path / "run" / "policy" / "base"), str(tmp_path / "x"), "--ema")
+    assert out.returncode == 2 and "need a training run" in out.stderr
+    with pytest.raises(CheckpointError, match="no checkpoint at step 7"):
+        checkpoint.load_trained(tmp_path / "run", step=7)

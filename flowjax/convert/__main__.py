@@ -1,10 +1,13 @@
 """python -m flowjax.convert: move SD3 / SD3.5 weights between diffusers and flowjax.
 
   import-transformer SRC DST     diffusers transformer folder -> flowjax model folder (orbax)
-  export-transformer SRC DST     flowjax model folder -> diffusers folder (from_pretrained loads it);
-                                 LoRA adapters, if the model has any, are merged into the weights
-  export-lora SRC DST            flowjax model folder with LoRA adapters -> diffusers LoRA folder
-                                 (pytorch_lora_weights.safetensors, for pipe.load_lora_weights(DST))
+  export-transformer SRC DST     flowjax model folder or training run -> diffusers folder (from_pretrained
+                                 loads it); LoRA adapters, if the model has any, are merged into the weights
+  export-lora SRC DST            flowjax model folder or training run with LoRA adapters -> diffusers LoRA
+                                 folder (pytorch_lora_weights.safetensors, for pipe.load_lora_weights(DST))
+                                 A training run (the --workdir of python -m flowjax.train) exports its latest
+                                 checkpoint's policy, or with --ema the method's EMA evaluation copy
+                                 (--step N for an older checkpoint).
   import-lora BASE LORA DST      base model (flowjax model folder or diffusers transformer folder)
                                  + diffusers / PEFT LoRA -> flowjax model folder with the adapters
   inspect SRC                    check a diffusers transformer folder against its config, print a summary
@@ -59,6 +62,19 @@ def _lora_summary(model) -> str:
     return f"LoRA: {len(spec)} adapted projections, (rank, alpha) {kinds}"
 
 
+def _trained_or_saved(args):
+    """The model to export: a training run's trained (or EMA) weights, or a flowjax model folder."""
+    from flowjax import checkpoint
+    from flowjax.convert import CheckpointError
+
+    if checkpoint.is_run(args.src):
+        return checkpoint.load_trained(args.src, ema=args.ema, step=args.step)
+    if args.ema or args.step is not None:
+        raise CheckpointError(f"--ema and --step need a training run (the --workdir of python -m flowjax.train); "
+                              f"{args.src} is not one")
+    return checkpoint.load_model(args.src)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flowjax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,7 +88,7 @@ def main(argv=None) -> int:
                          description="Writes config.json + safetensors for SD3Transformer2DModel.from_pretrained. "
                          "LoRA adapters, if the model has any, are merged into the written weights (the "
                          "merge is exact in fp32); use export-lora to write the adapter on its own.")
-    exp.add_argument("src", help="flowjax model folder (from import-transformer or training)")
+    exp.add_argument("src", help="flowjax model folder (from import-transformer) or training run (--workdir)")
     exp.add_argument("dst", help="output folder for SD3Transformer2DModel.from_pretrained")
     exp.add_argument("--dtype", choices=DTYPES, default=None, help="write weights in this dtype (default: as stored)")
     exp.add_argument("--max-shard-size", default=None, help="split into shards of at most this size, e.g. 5GB")
@@ -80,7 +96,8 @@ def main(argv=None) -> int:
                          description="Writes DST/pytorch_lora_weights.safetensors with the model's LoRA adapters, "
                          "keys transformer.<module>.lora_A/lora_B.weight, rank and alpha in the adapter metadata: "
                          "StableDiffusion3Pipeline.load_lora_weights(DST) applies it.")
-    elo.add_argument("src", help="flowjax model folder whose model carries LoRA adapters (e.g. from import-lora)")
+    elo.add_argument("src", help="flowjax model folder whose model carries LoRA adapters (e.g. from import-lora) "
+                     "or a training run (the --workdir of python -m flowjax.train)")
     elo.add_argument("dst", help="output folder (or a .safetensors file name)")
     elo.add_argument("--dtype", choices=DTYPES, default=None, help="write weights in this dtype (default: as stored)")
     elo.add_argument("--fold-scale", action="store_true",
@@ -97,6 +114,10 @@ def main(argv=None) -> int:
     ilo.add_argument("--param-dtype", choices=DTYPES, default="float32",
                      help="dtype of the base weights when BASE is a diffusers folder")
     ilo.add_argument("--lora-dtype", choices=DTYPES, default="float32", help="dtype the adapters are stored in")
+    for p_ in (exp, elo):
+        p_.add_argument("--ema", action="store_true",
+                        help="training runs: export the method's EMA evaluation copy instead of the policy")
+        p_.add_argument("--step", type=int, default=None, help="training runs: this checkpoint (default: the latest)")
     ins = sub.add_parser("inspect", help="validate a diffusers transformer folder and print its summary")
     ins.add_argument("src")
     args = parser.parse_args(argv)
@@ -110,12 +131,12 @@ def main(argv=None) -> int:
             out = checkpoint.save_model(model, args.dst)
             print(f"{_summary(model)}\nwrote {out}")
         elif args.command == "export-transformer":
-            model = checkpoint.load_model(args.src)
+            model = _trained_or_saved(args)
             dtype = DTYPES[args.dtype] if args.dtype else None
             out = save_transformer(model, args.dst, dtype=dtype, max_shard_bytes=_parse_size(args.max_shard_size))
             print(f"{_summary(model)}\nwrote {out}")
         elif args.command == "export-lora":
-            model = checkpoint.load_model(args.src)
+            model = _trained_or_saved(args)
             dtype = DTYPES[args.dtype] if args.dtype else None
             out = save_lora(model, args.dst, dtype=dtype, fold_scale=args.fold_scale)
             print(f"{_lora_summary(model)}\nwrote {out}")

@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flowjax import sampling
 from flowjax.rl.common import bcast, f32, per_sample_mean, ppo_clipped, velocity_kl
 from flowjax.rl.ema import ema_update
-from flowjax.rl.method import Method, RolloutSpec, accumulate, velocity
+from flowjax.rl.method import Method, RolloutSpec, accumulate, as_options, velocity
 
 _TINY = 1e-10  # the reference's offset inside the power
 
@@ -234,7 +235,9 @@ class AWM(Method):
     """Advantage Weighted Matching, `config.method = "awm"` (scxue/advantage_weighted_matching be51372,
     `scripts/train_sd3_awm.py`, `config/dgx_awm.py:geneval_sd3_no_cfg_4nodes`).
 
-    Rollouts CFG-free by `solver`; only the final samples are kept. Each minibatch draws, per group of
+    Rollouts CFG-free by `solver` (the reference's SA-Solver: predictor-corrector of order 2, PEC, its own
+    grid, tau = noise_level on steps with sigma in [0.3, 0.9]; `flowjax.sampling`); only the final samples
+    are kept. Each minibatch draws, per group of
     `rows_per_draw` rows (the reference's per-device micro-batch, train.batch_size = 3), its own
     `num_train_timesteps` stratified sampler steps (`awm_timestep_indices`, time_type "discrete_wo_init" or
     "discrete"), fresh noise per (timestep, row), and takes `awm_loss` (on-policy: ratio 1). The KL-EMA policy
@@ -251,7 +254,9 @@ class AWM(Method):
     @staticmethod
     def defaults():
         return ml_collections.ConfigDict(dict(
-            solver="ode",  # the rollout sampler (sampling.rollout kind)
+            solver="sa_solver",  # the rollout sampler (sampling.rollout kind): AWM's SA-Solver (use_sa_solver)
+            noise_level=0.4,  # the SA-Solver's tau (0.0 for PickScore: deterministic)
+            tau_interval=(0.3, 0.9),  # tau applies to steps whose target sigma lies in this interval
             guidance=1.0,  # CFG-free rollouts; training is always CFG-free
             p=0.25,  # ghuber_power
             beta=0.001,  # KL to the reference (GenEval be51372; OCR 0.003, PickScore 1e-4)
@@ -282,11 +287,23 @@ class AWM(Method):
             raise ValueError(f"config.awm.rows_per_draw={c.rows_per_draw} must divide the minibatch of {rows} rows")
         if c.guidance < 1.0:
             raise ValueError(f"config.awm.guidance must be >= 1, got {c.guidance}")
+        if c.solver not in sampling.KINDS + sampling.SOLVERS:
+            raise ValueError(f"config.awm.solver must be one of {sampling.KINDS + sampling.SOLVERS}, got {c.solver!r}")
         awm_ema_decay(0, max_decay=c.kl_ema.max_decay, rate=c.kl_ema.rate, schedule=c.kl_ema.schedule)
         super().validate()
 
     def rollout_spec(self):
-        return RolloutSpec(kind=self.cfg.solver, guidance=float(self.cfg.guidance))
+        c = self.cfg
+        options = as_options(sa_tau_interval=tuple(c.tau_interval)) if c.solver == "sa_solver" else ()
+        return RolloutSpec(kind=c.solver, noise_level=float(c.noise_level), guidance=float(c.guidance),
+                           options=options)
+
+    def rollout_sigmas(self, num_steps, shift):
+        """The SA-Solver runs on its own grid (sampling.sa_solver_sigmas); training t are drawn from the
+        standard schedule (`pipeline.scheduler.timesteps / 1000` in train_sd3_awm.py, be51372)."""
+        if self.cfg.solver == "sa_solver":
+            return sampling.sa_solver_sigmas(num_steps, shift)
+        return super().rollout_sigmas(num_steps, shift)
 
     def init_state(self, params):
         return {"kl_ema": params} if self.cfg.ema_beta > 0 else {}
@@ -301,6 +318,10 @@ class AWM(Method):
                                               skip_first=c.time_type == "discrete_wo_init")
         idx = jax.vmap(draw)(jax.random.split(key, batch // rows))  # [groups, K]
         return f32(sigmas)[jnp.repeat(idx, rows, axis=0).T]
+
+    def train_nfes(self, batch):
+        c = self.cfg
+        return c.num_train_timesteps * batch * (1 + (c.beta > 0) + (c.ema_beta > 0))
 
     def grads(self, ctx, params, state, mb, window, key):
         c = self.cfg

@@ -191,10 +191,11 @@ class FlowGRPO(Method):
     training, as `train.cfg=True` in the references) and takes the clipped PPO loss plus beta times the KL
     to the reference policy (`grpo_loss`). Which steps are trained:
       - the first int(num_steps * timestep_fraction) (Flow-GRPO, Flow-CPS: 9 of 10);
-      - `random_steps`: a random subset of that size per sample, in random order (DanceGRPO,
-        `fastvideo/train_grpo_flux.py`, XueZeyue/DanceGRPO 15cc71d: timestep_fraction 0.6);
-      - with `window.size` > 0, only the window's steps, which are also the only stochastic ones (MixGRPO,
-        and flow_grpo's `*_fast_nocfg` recipes).
+      - `random_steps`: per sample int((num_steps - 1) * timestep_fraction) random steps of all but the last
+        (DanceGRPO, `fastvideo/train_grpo_flux.py`, XueZeyue/DanceGRPO 15cc71d: timestep_fraction 0.6);
+      - with `window.size` > 0, only the window's steps, which are also the only stochastic ones (MixGRPO
+        `progressive`, and flow_grpo's `*_fast_nocfg` recipes `random`); an empty window (MixGRPO's at its
+        last position) trains nothing and makes no optimizer step.
     Published SD3.5-M defaults are Flow-GRPO's `config/grpo.py:geneval_sd3` (ac4c86e).
     """
 
@@ -218,8 +219,11 @@ class FlowGRPO(Method):
             random_steps=False,  # DanceGRPO: a random subset of the steps per sample
             schedule="sd3",  # sd3: sampling.sigmas; dance: DanceGRPO's single-shift schedule
             filter_zero_advantage=True,  # drop rows whose advantage is 0 on every trained step
-            # MixGRPO / flow_grpo fast: SDE (and training) only inside a window of `size` steps.
-            window=dict(size=0, schedule="random", range=(0, 0), shift_interval=25, roll_back=True),
+            integer_timesteps=False,  # the model sees floor(sigma * 1000), as DanceGRPO's does
+            # MixGRPO / flow_grpo fast: SDE (and training) only inside a window of `size` steps. "random": start
+            # uniform in [range[0], range[1] - size] each epoch; "progressive": MixGRPO's sliding window
+            # (sampling.progressive_window: moves by `stride` every `shift_interval` epochs, rolls back).
+            window=dict(size=0, schedule="random", range=(0, 0), shift_interval=25, stride=1, roll_back=True),
             # Flow-GRPO's EMA evaluation copy (scripts/train_sd3.py: decay 0.9, every 8, after each micro-batch).
             eval_ema=dict(decay=0.9, every=8, cadence="microbatch"),
         ))
@@ -231,7 +235,7 @@ class FlowGRPO(Method):
         return int(self.config.sample.num_steps)
 
     def window_bounds(self) -> tuple[int, int]:
-        """[lo, hi): the steps a window may cover; range (0, 0) means all but the final step."""
+        """[lo, hi): the steps a random window may cover; range (0, 0) means all but the final step."""
         lo, hi = (int(v) for v in self.cfg.window.range)
         return (0, self.num_steps - 1) if (lo, hi) == (0, 0) else (lo, hi)
 
@@ -254,41 +258,39 @@ class FlowGRPO(Method):
             if w.schedule not in self.WINDOW_SCHEDULES:
                 raise ValueError(f"config.grpo.window.schedule must be one of {self.WINDOW_SCHEDULES}, "
                                  f"got {w.schedule!r}")
-            lo, hi = self.window_bounds()
-            if not 0 <= lo < hi <= n or hi - lo < w.size:
-                raise ValueError(f"config.grpo.window.range {tuple(w.range)} must satisfy 0 <= lo < hi <= "
-                                 f"num_steps={n} with room for a window of {w.size} steps")
-            last = self.window_last_start() + w.size
-            if last >= n:
-                raise ValueError(f"config.grpo.window: a window of {w.size} step(s) could reach step {last - 1}, "
-                                 f"the final step of {n} (its transition is nearly deterministic; the cps std is 0 "
-                                 f"there); lower window.size or window.range so that windows end before step {n - 1}")
             if c.random_steps:
                 raise ValueError("config.grpo.random_steps (DanceGRPO) and a window (MixGRPO) exclude each other")
+            if w.schedule == "progressive":  # MixGRPO's window stops 2 steps short of the end by construction
+                sampling.progressive_window(0, n, window_size=w.size, shift_interval=w.shift_interval,
+                                            stride=w.stride, roll_back=w.roll_back)
+            else:
+                lo, hi = self.window_bounds()
+                if not 0 <= lo < hi <= n or hi - lo < w.size:
+                    raise ValueError(f"config.grpo.window.range {tuple(w.range)} must satisfy 0 <= lo < hi <= "
+                                     f"num_steps={n} with room for a window of {w.size} steps")
+                if hi >= n:
+                    raise ValueError(f"config.grpo.window: a window of {w.size} step(s) in range {tuple(w.range)} "
+                                     f"could reach step {n - 1}, the final step of {n} (its transition is nearly "
+                                     f"deterministic; the cps std is 0 there); end window.range at {n - 1} or below")
+        elif c.random_steps:
+            if sampling.dance_train_count(n, c.timestep_fraction) < 1:
+                raise ValueError(f"config.grpo.timestep_fraction={c.timestep_fraction} of the {n - 1} trainable "
+                                 "steps (DanceGRPO never trains the last) leaves none")
         else:
             k = check_fraction("config.grpo.timestep_fraction", c.timestep_fraction, n)
             if k > n:
                 raise ValueError(f"config.grpo.timestep_fraction={c.timestep_fraction} must be <= 1")
-            if c.kind == "cps" and k == n and not c.random_steps:
+            if c.kind == "cps" and k == n:
                 raise ValueError("config.grpo.timestep_fraction trains the final cps step, whose std is 0; "
                                  "use a fraction below 1 (0.99 trains 9 of 10)")
         super().validate()
-
-    def window_last_start(self) -> int:
-        """The largest start a window can have."""
-        w = self.cfg.window
-        lo, hi = self.window_bounds()
-        if w.schedule == "progressive":
-            return max(int(sampling.progressive_window_start(e, lo, hi, w.size, int(w.shift_interval),
-                                                             bool(w.roll_back)))
-                       for e in range(2 * (hi - lo) * int(w.shift_interval) + 1))
-        return hi - w.size
 
     # ---------------------------------------------------------------- rollouts
 
     def rollout_spec(self) -> RolloutSpec:
         c = self.cfg
-        return RolloutSpec(kind=c.kind, noise_level=float(c.noise_level), guidance=float(c.guidance))
+        return RolloutSpec(kind=c.kind, noise_level=float(c.noise_level), guidance=float(c.guidance),
+                           integer_timesteps=bool(c.integer_timesteps))
 
     def schedule(self, num_steps, shift):
         if self.cfg.schedule == "dance":
@@ -296,18 +298,20 @@ class FlowGRPO(Method):
         return super().schedule(num_steps, shift)
 
     def window(self, epoch, key):
+        """(start, end) int32 [2] of the epoch's SDE window; (0, 0) without one."""
         w = self.cfg.window
         if not w.size:
-            return jnp.zeros((), jnp.int32)
-        lo, hi = self.window_bounds()
+            return jnp.zeros((2,), jnp.int32)
         if w.schedule == "progressive":
-            start = sampling.progressive_window_start(epoch, lo, hi, w.size, int(w.shift_interval), bool(w.roll_back))
-            return jnp.asarray(start, jnp.int32)
-        return jax.random.randint(key, (), lo, hi - w.size + 1, dtype=jnp.int32)
+            return jnp.stack(sampling.progressive_window(epoch, self.num_steps, window_size=w.size,
+                                                         shift_interval=w.shift_interval, stride=w.stride,
+                                                         roll_back=w.roll_back))
+        lo, hi = self.window_bounds()
+        start = jax.random.randint(key, (), lo, hi - w.size + 1, dtype=jnp.int32)
+        return jnp.stack([start, start + w.size])
 
     def rollout_kwargs(self, window):
-        size = self.cfg.window.size
-        return {"sde_window": (window, window + size)} if size else {}
+        return {"sde_window": (window[0], window[1])} if self.cfg.window.size else {}
 
     def keep(self, out, window):
         return {"latents": jnp.swapaxes(out.latents, 0, 1), "log_probs": out.log_probs.T}
@@ -319,20 +323,32 @@ class FlowGRPO(Method):
 
     # ---------------------------------------------------------------- training
 
-    def train_steps(self, window, key, batch: int) -> jax.Array:
-        """The trained step index of every (slot, row): [K, B] int32."""
+    def train_steps(self, window, key, batch: int):
+        """(trained step of every (slot, row) [K, B] int32, slot in use [K] bool). Slots past a shrunken
+        progressive window are out of use (their index is clipped to a valid step)."""
         c, n = self.cfg, self.num_steps
         if c.window.size:
-            return jnp.broadcast_to((window + jnp.arange(c.window.size, dtype=jnp.int32))[:, None],
-                                    (c.window.size, batch))
-        k = int(n * c.timestep_fraction)
+            idx = window[0] + jnp.arange(c.window.size, dtype=jnp.int32)
+            valid = idx < window[1]
+            idx = jnp.minimum(idx, n - 1)
+            return jnp.broadcast_to(idx[:, None], (c.window.size, batch)), valid
         if c.random_steps:
-            return sampling.dance_train_steps(key, batch, n, c.timestep_fraction).T.astype(jnp.int32)
-        return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[:, None], (k, batch))
+            idx = sampling.dance_train_steps(key, batch, n, c.timestep_fraction).T.astype(jnp.int32)
+        else:
+            k = int(n * c.timestep_fraction)
+            idx = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[:, None], (k, batch))
+        return idx, jnp.ones((idx.shape[0],), bool)
+
+    def train_nfes(self, batch):
+        c, n = self.cfg, self.num_steps
+        steps = c.window.size or (sampling.dance_train_count(n, c.timestep_fraction) if c.random_steps
+                                  else int(n * c.timestep_fraction))
+        return steps * batch * (2 if c.guidance != 1.0 else 1) * (2 if c.beta > 0 else 1)
 
     def grads(self, ctx, params, state, mb, window, key):
         c = self.cfg
         kind, level, beta, guidance = c.kind, float(c.noise_level), float(c.beta), float(c.guidance)
+        integer = bool(c.integer_timesteps)
         kl_mode = "plain" if kind == "cps" else "std"
         latents, cond = mb["latents"], mb["cond"]
         sig_all = ctx.sigmas
@@ -341,7 +357,7 @@ class FlowGRPO(Method):
             x, x_next = _take_steps(latents, idx), _take_steps(latents, idx + 1)
             sig, sig_next = sig_all[idx], sig_all[idx + 1]
             step = lambda q: sampling.transition_log_prob(
-                kind, x, x_next, velocity(ctx.apply, q, x, sig, cond, guidance), sig, sig_next, level,
+                kind, x, x_next, velocity(ctx.apply, q, x, sig, cond, guidance, integer), sig, sig_next, level,
                 sig_max=sig_all[1])
             lp = step(p)
             adv = mb["advantages"]
@@ -352,4 +368,6 @@ class FlowGRPO(Method):
                 mean=lp.mean if beta > 0 else None, ref_mean=ref_mean, std_t=lp.std_t if beta > 0 else None,
                 adv_clip=float(c.adv_clip), kl_mode=kl_mode, weights=mb["weights"])
 
-        return accumulate(loss_fn, params, self.train_steps(window, key, latents.shape[0]))
+        idx, valid = self.train_steps(window, key, latents.shape[0])
+        grads, metrics = accumulate(loss_fn, params, idx, valid)
+        return grads, {**metrics, "skip": ~jnp.any(valid)}

@@ -7,10 +7,14 @@ method-specific:
   validate()        refuses impossible settings with a message naming the fix
   rollout_spec()    what its rollouts need: sampler kind, noise level, CFG, solver options, and whose
                     parameters sample ("policy", or "old" for DiffusionNFT's old policy)
-  schedule()        the sigma schedule of its rollouts (SD3's by default)
+  schedule()        the sigma schedule its training timesteps come from (SD3's by default)
+  rollout_sigmas()  the grid its rollouts run on (the schedule, unless its solver has its own)
   init_state()      its own state (old policy, KL-EMA policy, ...), checkpointed with the rest
   window()          per-epoch rollout information drawn before sampling (MixGRPO's window start)
-  keep()            what it keeps of a rollout for training (batch-first arrays)
+  rollout()         the rollout itself: (what it keeps for training, the samples to score), row by row. By
+                    default one `sampling.rollout` per batch row; a method may score more rows than the
+                    batch has (TempFlow-GRPO's branches), naming each row's batch row in keep["source"]
+  keep()            what the default rollout keeps for training (batch-first arrays)
   advantages()      rewards -> advantages ([B] or per sampler step [B, T]); group normalisation by default
   plan()            how the epoch's rows go into minibatches (and with which weights)
   grads()           the mean gradient and metrics of one minibatch (pure, jitted by the trainer)
@@ -49,6 +53,9 @@ class RolloutSpec:
     guidance: float = 1.0  # classifier-free guidance scale of the rollout
     sampler: str = "policy"  # whose parameters sample: "policy", or "old" (the method state's "old" entry)
     options: tuple = ()  # extra keyword arguments of sampling.rollout, as sorted (name, value) pairs
+    # The model sees floor(sigma * 1000), as references that pass integer timesteps (DiffusionNFT's
+    # rollouts, DanceGRPO) do.
+    integer_timesteps: bool = False
 
     def kwargs(self) -> dict:
         return dict(self.options)
@@ -136,8 +143,12 @@ class Method:
         raise NotImplementedError
 
     def schedule(self, num_steps: int, shift: float) -> jax.Array:
-        """The rollout's sigma schedule [num_steps + 1]."""
+        """The sigma schedule [num_steps + 1] that training timesteps are taken from."""
         return sampling.sigmas(num_steps, shift)
+
+    def rollout_sigmas(self, num_steps: int, shift: float) -> jax.Array:
+        """The grid the rollouts run on; the training schedule unless the solver has its own."""
+        return self.schedule(num_steps, shift)
 
     def init_state(self, params) -> Any:
         """The method's own pytree (old / EMA policies ...); None when it has none."""
@@ -154,6 +165,20 @@ class Method:
     def keep(self, out: sampling.Rollout, window) -> dict:
         """What training needs of a rollout, batch-first. Default: the final samples only."""
         return {"x0": out.latents[-1]}
+
+    def rollout(self, velocity_fn, noise, sigmas, key, window) -> tuple[dict, jax.Array]:
+        """(keep, samples): the arrays training needs, with the scored rows first, and the samples [R, ...]
+        that the world scores. `velocity_fn(x, sigma [B]) -> v` is the sampling policy with its CFG. When
+        R differs from the batch, keep["source"] [R] int32 gives each row's batch row (its prompt, its
+        conditioning) and `advantages` must group the rows itself."""
+        spec = self.rollout_spec()
+        out = sampling.rollout(velocity_fn, noise, sigmas, key, kind=spec.kind, noise_level=spec.noise_level,
+                               **spec.kwargs(), **self.rollout_kwargs(window))
+        return self.keep(out, window), out.latents[-1]
+
+    def rows(self, batch: int) -> int:
+        """How many rows the rollout of `batch` samples returns (its scored and trained rows)."""
+        return batch
 
     # ---------------------------------------------------------------- advantages and minibatches
 
@@ -178,32 +203,49 @@ class Method:
         """(new state, metrics) after the epoch's optimizer steps; `opt_step` counts optimizer steps."""
         return state, {}
 
+    def nfes(self, batch: int) -> dict[str, int]:
+        """Model evaluations (transformer forward passes, a CFG pair counting 2) of one epoch of `batch`
+        samples: {"rollout": ..., "train": ...}. Rollouts of every kind here evaluate once per step."""
+        spec = self.rollout_spec()
+        cfg = 2 if spec.guidance != 1.0 else 1
+        return {"rollout": int(self.config.sample.num_steps) * cfg * batch, "train": self.train_nfes(batch)}
+
+    def train_nfes(self, batch: int) -> int:
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------ shared pieces
 
 
-def accumulate(loss_fn, params, steps):
+def accumulate(loss_fn, params, steps, weights=None):
     """Mean gradient and mean metrics of `loss_fn(params, step_input)` over the leading axis of `steps`,
-    scanned, so memory holds one step's activations (the references' accumulation over timesteps)."""
+    scanned, so memory holds one step's activations (the references' accumulation over timesteps).
+    `weights` [K] (0 / 1) leaves steps out of both means (all zero: zero gradients and metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    n = jax.tree.leaves(steps)[0].shape[0]
+    w = jnp.ones((n,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
 
-    def body(acc, s):
+    def body(acc, inp):
+        s, wk = inp
         (_, metrics), g = grad_fn(params, s)
-        return jax.tree.map(jnp.add, acc, g), metrics
+        return jax.tree.map(lambda a, b: a + wk * b, acc, g), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, metrics = jax.lax.scan(body, zeros, steps)
-    n = jax.tree.leaves(steps)[0].shape[0]
-    return jax.tree.map(lambda g: g / n, grads), jax.tree.map(jnp.mean, metrics)
+    grads, metrics = jax.lax.scan(body, zeros, (steps, w))
+    total = jnp.maximum(w.sum(), 1e-12)
+    mean = lambda m: jnp.sum(jnp.where(w > 0, m, 0.0) * w) / total
+    return jax.tree.map(lambda g: g / total, grads), jax.tree.map(mean, metrics)
 
 
-def velocity(apply, params, x, sigma, cond, guidance: float):
+def velocity(apply, params, x, sigma, cond, guidance: float, integer_timesteps: bool = False):
     """The (CFG) velocity at sigma [B]: uncond + g * (cond - uncond), one batched forward for both.
 
     `cond` is a `Cond`; the MMDiT takes timesteps = sigma * 1000 (diffusers units), as its sinusoidal
-    embedding was trained on them.
+    embedding was trained on them; floor(sigma * 1000) with `integer_timesteps`.
     """
     t = sigma * 1000.0
+    if integer_timesteps:
+        t = jnp.floor(t)
     if guidance == 1.0:
         return apply(params, x, t, cond.ctx, cond.pooled).astype(jnp.float32)
     both = lambda a, b: jnp.concatenate([a, b], axis=0)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from flowjax import sampling
 from flowjax.rl.awm import awm_noised
 from flowjax.rl.common import bcast, f32, per_sample_mean, velocity_kl
 from flowjax.rl.ema import ema_update
@@ -161,7 +162,8 @@ class DiffusionNFT(Method):
     """DiffusionNFT, `config.method = "nft"` (NVlabs/DiffusionNFT 24af555, `scripts/train_nft_sd3.py`,
     `config/nft.py:sd3_geneval`).
 
-    Rollouts CFG-free with the OLD policy by `solver`; only the final samples are kept. Each minibatch trains
+    Rollouts CFG-free with the OLD policy by `solver` (the reference's "dpm2": 2nd-order multistep
+    DPM-Solver++, first and last steps first order, on integer timesteps); only the final samples are kept. Each minibatch trains
     every row on its own random permutation of the sampler steps, the first int(num_steps * timestep_fraction)
     of them (`nft_timesteps`), at fresh noise (`nft_loss`). After the epoch the old policy follows the policy
     with decay `old_policy_decay(optimizer steps, decay_type)` (logged as old_policy/decay). The evaluation
@@ -176,8 +178,9 @@ class DiffusionNFT(Method):
     @staticmethod
     def defaults():
         return ml_collections.ConfigDict(dict(
-            solver="ode",  # the rollout sampler (sampling.rollout kind)
+            solver="dpm2",  # the rollout sampler (sampling.rollout kind): the reference's 2nd-order DPM-Solver++
             guidance=1.0,  # CFG-free, as the method intends (rollouts and training)
+            integer_timesteps=True,  # rollouts pass floor(sigma * 1000) (pipeline_with_logprob.py); training floats
             mix=1.0,  # the reference's config.beta (0.1 for OCR)
             kl_beta=1e-4,  # the reference's train.beta
             adv_clip=5.0,
@@ -190,6 +193,8 @@ class DiffusionNFT(Method):
         c = self.cfg
         if c.guidance != 1.0:
             raise ValueError("DiffusionNFT samples CFG-free: set config.nft.guidance=1.0")
+        if c.solver not in sampling.KINDS + sampling.SOLVERS:
+            raise ValueError(f"config.nft.solver must be one of {sampling.KINDS + sampling.SOLVERS}, got {c.solver!r}")
         if not c.mix > 0:
             raise ValueError(f"config.nft.mix (DiffusionNFT's beta) must be > 0, got {c.mix}")
         old_policy_decay(0, c.decay_type)
@@ -197,10 +202,15 @@ class DiffusionNFT(Method):
         super().validate()
 
     def rollout_spec(self):
-        return RolloutSpec(kind=self.cfg.solver, guidance=1.0, sampler="old")
+        return RolloutSpec(kind=self.cfg.solver, guidance=1.0, sampler="old",
+                           integer_timesteps=bool(self.cfg.integer_timesteps))
 
     def init_state(self, params):
         return {"old": params}
+
+    def train_nfes(self, batch):
+        c = self.cfg
+        return int(self.config.sample.num_steps * c.timestep_fraction) * batch * (2 + (c.kl_beta > 0))
 
     def grads(self, ctx, params, state, mb, window, key):
         c = self.cfg

@@ -32,7 +32,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from flowjax import plots, sampling
+from flowjax import checkpoint, plots, sampling
 from flowjax import sharding as sharding_lib
 from flowjax.data.sampler import KRepeatSampler
 from flowjax.models import lora
@@ -80,9 +80,11 @@ def validate(config):
     if a.get("std", "global") not in ADV_STD:
         raise ValueError(f"advantage.std must be one of {ADV_STD}, got {a.get('std')!r}")
     batch = t.prompts_per_batch * t.group_size
-    if batch % t.minibatches:
-        raise ValueError(f"the batch ({t.prompts_per_batch} prompts x {t.group_size}) = {batch} is not divisible "
-                         f"by train.minibatches={t.minibatches}")
+    rows = method.rows(batch)
+    if rows % t.minibatches:
+        what = f"the batch ({t.prompts_per_batch} prompts x {t.group_size}) = {batch}" + (
+            f" ({rows} trained rows)" if rows != batch else "")
+        raise ValueError(f"{what} is not divisible by train.minibatches={t.minibatches}")
     if t.grad_accum < 1 or t.minibatches % t.grad_accum:
         raise ValueError(f"train.minibatches={t.minibatches} must be a multiple of train.grad_accum={t.grad_accum} "
                          "(an accumulation window never crosses an epoch)")
@@ -151,9 +153,13 @@ class Trainer:
 
     `prediction` says what the model outputs ("velocity" as SD3.5, or "sample": the clean image, as
     the shapes base model); samplers and losses always see the velocity (flowjax.models.prediction).
+    `base` is the diffusers transformer folder the frozen weights came from, recorded in WORKDIR/policy so
+    that `python -m flowjax.convert export-lora WORKDIR` can rebuild the trained model (None: the model's
+    weights are saved there instead, for small randomly initialised models).
     """
 
-    def __init__(self, config, workdir, *, model: nnx.Module, world, mesh=None, prediction: str = "velocity"):
+    def __init__(self, config, workdir, *, model: nnx.Module, world, mesh=None, prediction: str = "velocity",
+                 base=None):
         self.method = validate(config)
         check_prediction(prediction)
         check_world(world)
@@ -165,13 +171,15 @@ class Trainer:
         s, t = config.sample, config.train
         self.sampler = KRepeatSampler(world.num_prompts, t.prompts_per_batch, t.group_size, seed=config.seed)
         self.batch_size = self.sampler.batch_size
-        dp = self._dp()
-        if self.batch_size % dp or (self.batch_size // t.minibatches) % dp:
-            raise ValueError(f"batch {self.batch_size} and minibatch {self.batch_size // t.minibatches} must divide "
-                             f"evenly over the {dp} data-parallel devices of the mesh")
+        dp, rows = self._dp(), self.method.rows(self.batch_size)
+        if self.batch_size % dp or rows % t.minibatches or (rows // t.minibatches) % dp:
+            raise ValueError(f"batch {self.batch_size} and minibatch {rows // t.minibatches} (of {rows} trained rows "
+                             f"in {t.minibatches}) must divide evenly over the {dp} data-parallel devices of the mesh")
         self.sigmas = self.method.schedule(s.num_steps, s.shift)
+        self.rollout_sigmas = self.method.rollout_sigmas(s.num_steps, s.shift)
         self.eval_sigmas = sampling.sigmas(s.eval_num_steps, s.shift)
         self.ema_spec = self.method.eval_ema()
+        self.nfes = self.method.nfes(self.batch_size)
 
         # Trainable vs frozen; the reference policy is LoRA off (zero adapters) or the initial weights.
         if config.lora.rank > 0:
@@ -180,6 +188,8 @@ class Trainer:
             trainable = nnx.LoRAParam
         else:
             trainable = nnx.Param
+        if self.is_main:
+            checkpoint.save_policy(self.workdir, model, base=base, trainable="lora" if config.lora.rank > 0 else "all")
         graphdef, params, frozen = nnx.split(model, trainable, ...)
         rules = tuple(config.sharding_rules)
         params = sharding_lib.shard_state(params, self.mesh, rules)
@@ -223,20 +233,17 @@ class Trainer:
         def apply_with(frozen):
             return lambda p, *a: self.apply(p, *a, frozen=frozen)
 
-        def sample(params, frozen, cond, noise, key, sigmas, kind, level, guidance, **kwargs):
-            v = lambda x, sig: velocity(apply_with(frozen), params, x, sig, cond, guidance)
-            return sampling.rollout(v, noise, sigmas, key, kind=kind, noise_level=level, **kwargs)
 
         @jax.jit
         def rollout(params, frozen, cond, noise, key, window):
-            out = sample(params, frozen, cond, noise, key, sigmas, spec.kind, spec.noise_level, spec.guidance,
-                         **spec.kwargs(), **method.rollout_kwargs(window))
-            return method.keep(out, window), out.latents[-1]
+            v = lambda x, sig: velocity(apply_with(frozen), params, x, sig, cond, spec.guidance,
+                                        spec.integer_timesteps)
+            return method.rollout(v, noise, self.rollout_sigmas, key, window)
 
         @jax.jit
         def evaluate(params, frozen, cond, noise):
-            return sample(params, frozen, cond, noise, None, self.eval_sigmas, "ode", 0.0,
-                          float(s.eval_guidance)).latents[-1]
+            v = lambda x, sig: velocity(apply_with(frozen), params, x, sig, cond, float(s.eval_guidance))
+            return sampling.rollout(v, noise, self.eval_sigmas, kind="ode").latents[-1]
 
         @jax.jit
         def score(samples, prompt_ids, group_ids, world_state, keep):
@@ -260,10 +267,12 @@ class Trainer:
         def update(state: TrainState, acc, frozen, ref_params, mb, window, key):
             ctx = Context(apply_with(frozen), ref_params, sigmas)
             grads, metrics = method.grads(ctx, state.params, state.method, mb, window, key)
-            # NaN guard: a non-finite loss or gradient is left out of its accumulation window's mean.
+            # NaN guard: a non-finite loss or gradient is left out of its accumulation window's mean. A method
+            # may also report `skip` (nothing to train in this minibatch, e.g. an empty MixGRPO window).
+            skip = metrics.pop("skip", jnp.zeros((), bool))
             finite = jnp.isfinite(metrics["loss"]) & jnp.all(
                 jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-            acc, do_step, mean = accumulate_window(acc, grads, finite, t.grad_accum)
+            acc, do_step, mean = accumulate_window(acc, grads, finite & ~skip, t.grad_accum)
 
             def step(_):
                 updates, opt_state = self.optimizer.update(mean, state.opt_state, state.params)
@@ -394,18 +403,20 @@ class Trainer:
         t0 = time.perf_counter()
         keep, samples = self._rollout(sample_params, self.frozen, cond,
                                       self._noise(k_noise, self.batch_size, group_ids), k_sample, window)
-        advantages, reward_metrics = self._score(samples, self._global(prompt_ids.astype(np.int32)),
-                                                 self._global(group_ids.astype(np.int32)),
+        # Scored rows: the batch's, or the method's own (keep["source"] maps each to its batch row).
+        source = np.asarray(jax.device_get(keep.pop("source"))) if "source" in keep else np.arange(self.batch_size)
+        advantages, reward_metrics = self._score(samples, self._global(prompt_ids[source].astype(np.int32)),
+                                                 self._global(group_ids[source].astype(np.int32)),
                                                  getattr(self.world, "state", None), keep)
         t_sample = time.perf_counter() - t0
 
         order, weights = (np.asarray(a) for a in jax.device_get(self._plan(advantages, k_perm)))
-        size = self.batch_size // t.minibatches
+        size = len(source) // t.minibatches
         acc, logs = self._zero_acc(self.state.params), []
         for i in range(t.minibatches):
             rows = order[i * size:(i + 1) * size]
             mb = {k: v[rows] for k, v in keep.items()}
-            mb.update(cond=cond.rows(rows), advantages=advantages[rows],
+            mb.update(cond=cond.rows(source[rows]), advantages=advantages[rows],
                       weights=self._global(weights[i * size:(i + 1) * size]))
             self.state, acc, m = self._update(self.state, acc, self.frozen, self.ref_params, mb, window,
                                               jax.random.fold_in(k_train, i))
@@ -417,6 +428,7 @@ class Trainer:
         metrics = {k: np.mean([float(m[k]) for m in logs]) for k in logs[0]}
         metrics.update(reward_metrics)
         metrics.update({k: float(v) for k, v in epoch_metrics.items()})
+        metrics.update({f"nfe/{k}": v for k, v in self.nfes.items()})
         metrics.update({"train/kept_fraction": float(weights.mean()), "train/opt_steps": int(self.state.opt_step),
                         "time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0,
                         "nan_steps": self.state.nan_steps})
