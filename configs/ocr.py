@@ -28,7 +28,8 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
   epoch, clip range 1e-4, KL beta 0.04 (divided by 2 std_t^2), the first 9 of the 10 steps trained, rows whose
   advantage is 0 left out, EMA evaluation copy (0.9, every 8 minibatches), evaluation every 60 epochs.
 - cps, Flow-CPS: the same with the coefficients-preserving sampler at noise level 0.7 and the undivided KL.
-  (flow_grpo publishes no fast CFG-free recipe for OCR, so there is no cps_fast variant here.)
+  (flow_grpo publishes no fast CFG-free recipe for OCR, nor TempFlow-GRPO a process-reward one: no cps_fast
+  or tempflow variant here.)
 - awm, AWM `config/dgx_awm.py:ocr_sd3_no_cfg_4nodes`: CFG-free 14-step SA-Solver rollouts (tau 0.4 on sigma in
   [0.3, 0.9]), 72 prompts x 24 per epoch, one optimizer step per epoch over 18 minibatches of 96, 6 stratified
   timesteps per 3-row group, beta 0.003, KL-EMA weight 1, EMA copy 0.99 per epoch, evaluation every 20 epochs.

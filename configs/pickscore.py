@@ -35,9 +35,18 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
 - nft, DiffusionNFT `config/nft.py:sd3_pickscore`: CFG-free 10-step dpm2 rollouts with the old policy, 48 x 24
   in 16 minibatches of 72, one optimizer step per epoch, mix b 1.0, KL 1e-4, old-policy decay type 1, EMA copy
   0.9 per optimizer step, evaluation every 10 epochs.
+- tempflow, TempFlow-GRPO `config/dgx.py:pickscore_sd3_pr` (8-GPU epochs): an ODE trunk with CFG 4.5 per seed,
+  K = 6 branches at each of the first 9 of 10 steps, each one SDE step (a 0.7) then ODE to the end, the
+  branch's reward that step's; 8 prompts x 4 seeds per epoch (1,728 scored branches), advantages per
+  (seed, step) group, the PPO term weighted by the normalised noise level, KL beta 0.001 (unweighted),
+  4 minibatches, two optimizer steps per epoch, EMA copy (0.9, every 8), evaluation every 20 epochs.
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
-eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages, 512 px, T5 length 128.
+eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages (tempflow:
+per group), 512 px, T5 length 128.
 What still differs from the references, and why:
+- tempflow groups advantages by (seed, step) (the reference by prompt text and step within a process: the
+  same unless a device draws one prompt twice in an epoch) and trains from the first epoch (the reference
+  samples nothing in epochs 0 and 1);
 - one SDE window per epoch for cps_fast (flow_grpo draws one per pipeline call, seeded with the process index);
 - the zero-advantage filter and AWM's timestep draws work on the global batch / minibatch (the references do
   both per process; the same with one process);

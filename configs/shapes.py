@@ -5,7 +5,8 @@ objects, scored by the verifiable reward of flowjax.rewards.shapes. Runs on a la
   python -m flowjax.train --config=configs/shapes.py:grpo --workdir=runs/shapes_grpo    # Flow-GRPO
 Variants: grpo (Flow-GRPO, SDE sampler), cps (coefficients-preserving sampler), mixgrpo (SDE window),
 dance (DanceGRPO: its schedule and kernel, a random 60% of the steps per sample), awm (advantage weighted
-matching), nft (DiffusionNFT). Evaluation is strict accuracy on the held-out
+matching), nft (DiffusionNFT), tempflow (TempFlow-GRPO: an ODE trunk per seed, 4 SDE branches at each of the
+first 2 steps, each branch's reward that step's; 6 prompts x 2 seeds, 96 scored branches per epoch). Evaluation is strict accuracy on the held-out
 prompts with ODE sampling from fixed noise (`eval/accuracy` in metrics.jsonl), before the first update
 and every `eval_every` steps; grids of the held-out samples go to samples/.
 """
@@ -15,7 +16,7 @@ import ml_collections
 from flowjax import sharding
 from flowjax.rl.method import method_class
 
-VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft")
+VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft", "tempflow")
 
 
 def get_config(arg: str = "nft"):
@@ -77,6 +78,13 @@ def get_config(arg: str = "nft"):
         if arg == "dance":  # DanceGRPO: its schedule, a random 60% of the steps per sample, unbiased group std
             m.update(schedule="dance", random_steps=True, beta=0.0, integer_timesteps=True)
             c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
+    elif c.method == "tempflow":
+        # An epoch's cost near Flow-GRPO's here (768 NFEs: 48 samples x 8 steps + 4 trained steps x 48 x 2):
+        # 6 prompts x 2 seeds, K = 4 branches at the first 2 steps cost 12 x (2 + 4 x (7 + 6)) = 648 rollout and
+        # 96 rows x 2 = 192 training evaluations (840). CFG-free, clip 0.2 and KL 0.04 as Flow-GRPO's variant.
+        t.group_size = 2  # seeds per prompt
+        m.update(branches=4, guidance=1.0, clip_range=0.2, beta=0.04, timestep_fraction=0.25)
+        c.advantage = dict(std="per_prompt", ddof=0, eps=1e-4)  # per (seed, step) group
     elif c.method == "awm":
         # |A| clipped to 1 then scaled by 5 (adv_scale 1, advantage_max 5): the shapes recipe, not the published one.
         m.update(num_train_timesteps=4, beta=0.3, adv_scale=1.0, adv_clip=5.0)

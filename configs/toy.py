@@ -1,8 +1,9 @@
 """The toy world: a tiny random MMDiT learns to steer each prompt's sample colour (no weights needed).
 
   python -m flowjax.train --config=configs/toy.py:grpo --workdir=runs/toy
-Variants: grpo (Flow-GRPO, sde), cps, mixgrpo (SDE window), dance, awm, nft. It exercises the whole
-RL core (sampling, advantages, losses, LoRA, sharding, checkpoints) in seconds per step on a CPU.
+Variants: grpo (Flow-GRPO, sde), cps, mixgrpo (SDE window), dance, awm, nft, tempflow (TempFlow-GRPO: 4 prompts
+x 2 seeds, 4 branches at each of the first 3 steps). It exercises the whole RL core (sampling, advantages,
+losses, LoRA, sharding, checkpoints) in seconds per step on a CPU.
 """
 
 import ml_collections
@@ -10,7 +11,7 @@ import ml_collections
 from flowjax import sharding
 from flowjax.rl.method import method_class
 
-VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft")
+VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft", "tempflow")
 
 
 def get_config(arg: str = "grpo"):
@@ -66,6 +67,10 @@ def get_config(arg: str = "grpo"):
         if arg == "dance":  # DanceGRPO: its schedule, a random 60% of the steps per sample, unbiased group std
             m.update(schedule="dance", random_steps=True, timestep_fraction=0.6, integer_timesteps=True)
             c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
+    elif c.method == "tempflow":  # group_size = seeds per prompt; each seed gives 4 x 3 scored branches
+        t.group_size = 2
+        m.update(branches=4, guidance=2.0, clip_range=0.2, beta=0.0, timestep_fraction=0.5)
+        c.advantage = dict(std="per_prompt", ddof=0, eps=1e-4)
     elif c.method == "awm":
         m.update(guidance=2.0, beta=0.0, ema_beta=0.0, adv_clip=None, num_train_timesteps=3, rows_per_draw=0)
     else:

@@ -81,7 +81,8 @@ def run_variant(module, variant: str, seed: int, workdir: Path, steps: int | Non
             trainer.train()
     finally:
         trainer.close()
-    return workdir / "metrics.jsonl", trainer.batch_size
+    # Images sampled (and scored) per epoch: the batch, or every branch's final image (TempFlow-GRPO).
+    return workdir / "metrics.jsonl", trainer.method.rows(trainer.batch_size)
 
 
 def draw(results: dict[str, list[np.ndarray]], path: Path, title: str) -> dict[str, dict]:

@@ -16,6 +16,13 @@ Sources (each value below cites one of these):
   a 3-step SDE window starting in [0, 2] (sde_window_range (0, 5)), only the window trained.
 - AWM: scxue/advantage_weighted_matching be51372 `config/dgx_awm.py:{geneval,ocr,pickscore}_sd3_no_cfg_4nodes`.
 - DiffusionNFT: NVlabs/DiffusionNFT 24af555 `config/nft.py:sd3_{geneval,ocr,pickscore}`, `config/base.py`.
+- TempFlow-GRPO: Shredded-Pork/TempFlow-GRPO `config/dgx.py:{geneval,pickscore}_sd3_pr` (63e4def) with
+  `scripts/train_sd3_pr.py` (e66824e): 8 GPUs x 1 seed x 4 sampling batches = 8 prompts x 4 seeds per epoch,
+  K = 6 branches (`exploration_k`) at each of the first 9 of 10 steps, minibatches of 6 (seed, branch) units
+  per GPU, 2 optimizer steps per epoch, per-group std (global_std=False), EMA 0.9 every 8, evaluation every 20
+  epochs. Its config/base.py is not on record; lr, Adam, clip range 1e-4 and adv_clip_max 5 are Flow-GRPO's
+  base.py, which TempFlow-GRPO forks. No OCR recipe is published (general_ocr_sd3 has no `_pr` form), so ocr
+  has no tempflow variant.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from flowjax.models.lora import SD3_ATTENTION_TARGETS
 from flowjax.rl.awm import AWM
 from flowjax.rl.grpo import FlowGRPO
 from flowjax.rl.nft import DiffusionNFT
+from flowjax.rl.tempflow import TempFlowGRPO
 
-VARIANTS = ("grpo", "cps", "cps_fast", "awm", "nft")
+VARIANTS = ("grpo", "cps", "cps_fast", "awm", "nft", "tempflow")
 TASKS = ("geneval", "ocr", "pickscore")
 
 # Per-task values of the references (see the module docstring for the files).
@@ -41,11 +49,14 @@ _AWM = {"geneval": (72, 18, 3, 0.001, "discrete_wo_init", 50), "ocr": (72, 18, 3
 _NFT = {"geneval": (1.0, 1, 1), "ocr": (0.1, 2, 2), "pickscore": (1.0, 1, 1)}
 # flow_grpo *_fast_nocfg: (prompts per epoch, images per prompt).
 _FAST = {"geneval": (48, 24), "pickscore": (64, 18)}
+# TempFlow-GRPO config/dgx.py *_sd3_pr: KL beta (OCR has no published recipe).
+_TEMPFLOW_BETA = {"geneval": 0.004, "pickscore": 0.001}
 
 
 def variants(task: str) -> tuple[str, ...]:
-    """The variants a task has: cps_fast is published for GenEval and PickScore only."""
-    return tuple(v for v in VARIANTS if v != "cps_fast" or task in _FAST)
+    """The variants a task has: cps_fast and tempflow are published for GenEval and PickScore only."""
+    published = {"cps_fast": _FAST, "tempflow": _TEMPFLOW_BETA}
+    return tuple(v for v in VARIANTS if v not in published or task in published[v])
 
 
 def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
@@ -110,6 +121,15 @@ def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
             m.window.update(size=3, schedule="random", range=(0, 5))
         s.eval_guidance = m.guidance
         c.eval_every = c.checkpoint_every = 60
+    elif c.method == "tempflow":
+        m = c.tempflow = TempFlowGRPO.defaults()  # K 6, a 0.7, CFG 4.5, clip 1e-4, 9 of 10 steps, EMA 0.9 / 8
+        s.num_steps = 10
+        s.eval_guidance = m.guidance
+        t.prompts_per_batch, t.group_size = 8, 4  # group_size = seeds per prompt (num_image_per_prompt 4)
+        t.minibatches, t.grad_accum = 4, 2  # 48 (seed, branch) units = 432 rows per minibatch
+        m.beta = _TEMPFLOW_BETA[task]
+        c.advantage = dict(std="per_prompt", ddof=0, eps=1e-4)  # per (seed, step) group: global_std=False
+        c.eval_every, c.checkpoint_every = 20, 100
     elif c.method == "awm":
         prompts, micro, rows, beta, time_type, every = _AWM[task]
         m = c.awm = AWM.defaults()

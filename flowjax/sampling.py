@@ -199,17 +199,23 @@ def ode_step(x, v, sig, sig_next, noise=None, *, level=0.0) -> Step:
     return Step(mean, mean, zero, zero)
 
 
+def sde_std_t(sig, level, sig_max) -> jax.Array:
+    """Flow-GRPO's noise scale std_t = a * sqrt(sig / (1 - sig)) (float32, the shape of sig), without the
+    sqrt(-dt) factor. 1 - sig is 0 at the first step; like Flow-GRPO's code, only the denominator's sigma
+    is replaced by sigmas[1] (`sig_max`) there, the numerator keeps sig = 1."""
+    sig = jnp.asarray(sig, jnp.float32)
+    denom = 1.0 - jnp.where(sig == 1.0, jnp.asarray(sig_max, jnp.float32), sig)
+    return jnp.asarray(level, jnp.float32) * jnp.sqrt(sig / denom)
+
+
 def sde_step(x, v, sig, sig_next, noise, *, level, sig_max) -> Step:
     """Flow-GRPO step with noise level `level` (a); `sig_max` is the schedule's sigmas[1].
 
-    std_t = a * sqrt(sig / (1 - sig)), x' = mean + std_t * sqrt(-dt) * noise. `noise=None`
+    std_t = a * sqrt(sig / (1 - sig)) (`sde_std_t`), x' = mean + std_t * sqrt(-dt) * noise. `noise=None`
     returns x_next = mean.
     """
     x, v, sig, sig_next, dt = _prep(x, v, sig, sig_next)
-    # 1 - sig is 0 at the first step; like Flow-GRPO's code, only the denominator's sigma is
-    # replaced by sigmas[1] there (the numerator keeps sig = 1).
-    denom = 1.0 - jnp.where(sig == 1.0, jnp.asarray(sig_max, jnp.float32), sig)
-    std_t = jnp.asarray(level, jnp.float32) * jnp.sqrt(sig / denom)
+    std_t = sde_std_t(sig, level, sig_max)
     # Flow-GRPO's mean x*(1 + std^2/(2 sig) dt) + v*(1 + std^2 (1-sig)/(2 sig)) dt, regrouped
     # as the ODE step plus a correction that is an exact 0 at level 0.
     mean = (x + dt * v) + (std_t**2 / (2.0 * sig) * dt) * (x + (1.0 - sig) * v)

@@ -46,7 +46,9 @@ def test_every_variant_builds_and_validates(name, variant):
     assert c.train.lr == 3e-4 and c.train.weight_decay == 1e-4
     assert c.train.max_grad_norm == 1.0 and c.world.max_sequence_length == 128
     assert (c.lora.rank, c.lora.alpha, tuple(c.lora.targets)) == (32, 64.0, SD3_TARGETS)
-    assert c.advantage.to_dict() == {"std": "global", "ddof": 0, "eps": 1e-4}
+    # every reference: global_std=True, but TempFlow-GRPO's *_sd3_pr (a std per group)
+    std = "per_prompt" if variant == "tempflow" else "global"
+    assert c.advantage.to_dict() == {"std": std, "ddof": 0, "eps": 1e-4}
     batch = c.train.prompts_per_batch * c.train.group_size
     assert batch % c.train.minibatches == 0 and c.train.minibatches % c.train.grad_accum == 0
     steps_per_epoch = c.train.minibatches // c.train.grad_accum
@@ -76,6 +78,14 @@ def test_every_variant_builds_and_validates(name, variant):
         assert (m.p, m.ema_beta, m.clip_range, m.adv_scale, m.adv_clip, m.num_train_timesteps) == (
             0.25, 1.0, 1.0, 5.0, 1.0, 6)
         assert m.eval_ema.to_dict() == {"decay": 0.99, "every": 1, "cadence": "epoch"}
+    elif c.method == "tempflow":  # TempFlow-GRPO config/dgx.py *_sd3_pr (63e4def), train_sd3_pr.py (e66824e)
+        assert c.sample.num_steps == 10 and steps_per_epoch == 2 and c.eval_every == 20
+        assert (c.train.prompts_per_batch, c.train.group_size, m.branches) == (8, 4, 6)
+        assert (m.noise_level, m.guidance, c.sample.eval_guidance) == (0.7, 4.5, 4.5)
+        assert (m.clip_range, m.adv_clip, m.filter_zero_advantage) == (1e-4, 5.0, True)
+        assert m.beta == (0.001 if name == "pickscore" else 0.004) and int(10 * m.timestep_fraction) == 9
+        assert m.eval_ema.to_dict() == {"decay": 0.9, "every": 8, "cadence": "microbatch"}
+        assert 8 * 4 * 6 // c.train.minibatches == 48  # (seed, branch) units per minibatch: 8 GPUs x 6
     else:  # DiffusionNFT config/nft.py (24af555)
         assert c.sample.num_steps == 10 and m.guidance == c.sample.eval_guidance == 1.0 and c.eval_every == 10
         assert (m.mix, m.decay_type, steps_per_epoch) == {"geneval": (1.0, 1, 1), "ocr": (0.1, 2, 2),
@@ -290,6 +300,29 @@ def test_pickscore_awm_one_step(tiny, tmp_path):
     images = world.images(noise)
     ref = world.reward_fn(images, [world.prompts[2].prompt, world.prompts[0].prompt])
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["geneval", "pickscore"])
+def test_tempflow_one_step(name, tiny, servers, tmp_path):
+    """TempFlow-GRPO (config/dgx.py *_sd3_pr): 2 prompts x 2 seeds, 6 branches at the one branch step of 2,
+    every branch's final image scored (GenEval server / PickScore), one update, evaluation."""
+    c = shrink(CONFIGS[name].get_config("tempflow"), tiny["model"])
+    if name == "geneval":
+        c.world.generate_train, c.world.generate_test = 6, 2
+        c.reward.url = servers["geneval"].url
+        n_before = len(servers["geneval"].requests)
+    else:
+        c.world.prompts = str(tiny["plain"])
+        c.reward.path = str(tiny["pickscore"])
+    trainer, rows = run_one_step(c, tmp_path)
+    assert trainer.method.rows(trainer.batch_size) == 4 * 6 * 1
+    assert rows[1]["nfe/rollout"] == (1 + 6 * 1) * 2 * 4 and rows[1]["nfe/train"] == 24 * 2 * 2
+    # one minibatch: on-policy. Exact on the linear model (test_tempflow.py); here the trunk's batch of 4 seeds and
+    # the training chunk of 24 rows round the MMDiT's matmuls differently (measured |ratio - 1| <= 2.4e-7).
+    assert abs(rows[1]["ratio_min"] - 1.0) < 1e-5 and abs(rows[1]["ratio_max"] - 1.0) < 1e-5
+    if name == "geneval":  # the 24 branch images in one request, then the two evaluations
+        assert len(servers["geneval"].requests) - n_before == 3
+        assert len(pickle.loads(servers["geneval"].requests[n_before])["images"]) == 24
 
 
 # ----------------------------------------------------------------------------- multi-reward world, errors

@@ -75,8 +75,9 @@ def grpo_loss(
 
     log_prob: [B] (or [T, B]) log-probs of the stored transitions under the current policy.
     old_log_prob: same shape, from the rollout (treated as a constant).
-    advantages: broadcastable to log_prob ([B]); clamped to [-adv_clip, adv_clip] as the
-      reference's `train.adv_clip_max` (None: no clamp).
+    advantages: broadcastable to log_prob ([B], or [T, B] with per-step log-probs [T, B]; FlowGRPO.grads takes
+      per-step advantages batch-first [B, T] and passes each trained step's column); clamped to
+      [-adv_clip, adv_clip] as the reference's `train.adv_clip_max` (None: no clamp).
     clip_range: PPO epsilon (published 1e-4; 1e-5 in the "fast" CPS recipes).
     beta, mean, ref_mean, std_t: the KL term. mean / ref_mean are the step means [B, H, W, C]
       (leading dims those of log_prob), std_t the step's std_dev_t, broadcastable to them
@@ -196,6 +197,10 @@ class FlowGRPO(Method):
       - with `window.size` > 0, only the window's steps, which are also the only stochastic ones (MixGRPO
         `progressive`, and flow_grpo's `*_fast_nocfg` recipes `random`); an empty window (MixGRPO's at its
         last position) trains nothing and makes no optimizer step.
+    Advantages (`advantages()` / `mb["advantages"]`): one per sample [B], or one per sample and sampler step
+    [B, T] (per-step / process advantages, as TempFlow-GRPO's and Euphonium's): batch-first like every flowjax
+    row array (the references' [T, B] transposed), row b's trained step j taking column j. A [B, T] array whose
+    columns are equal gives exactly the [B] result.
     Published SD3.5-M defaults are Flow-GRPO's `config/grpo.py:geneval_sd3` (ac4c86e).
     """
 

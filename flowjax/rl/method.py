@@ -269,6 +269,7 @@ _REGISTRY: dict[str, str] = {
     "grpo": "flowjax.rl.grpo:FlowGRPO",
     "awm": "flowjax.rl.awm:AWM",
     "nft": "flowjax.rl.nft:DiffusionNFT",
+    "tempflow": "flowjax.rl.tempflow:TempFlowGRPO",
 }
 
 
