@@ -275,13 +275,16 @@ class SD3Pipeline:
         rules=sharding_lib.DEFAULT_RULES,
         text_encoder_3: bool = True,
         progress: bool = False,
+        attention_impl: str = "xla",
+        remat: str = "none",
     ) -> "SD3Pipeline":
         """Loads a diffusers SD3 / SD3.5 pipeline folder with flowjax's converters (no torch).
 
         `dtype` is what every model computes in, `param_dtype` what the weights are stored in; with `mesh`,
         each weight goes straight into its sharding under `rules`. `text_encoder_3=False` skips T5 (its
         features become zeros, as diffusers with `text_encoder_3=None`); a folder whose model_index.json lists
-        no T5 runs that way too.
+        no T5 runs that way too. `attention_impl` and `remat` are the transformer's (the RL trainer uses
+        `attention_impl="chunked"` and `remat="full"` to train within a chip's memory).
         """
         root = Path(path)
         index = read_model_index(root)
@@ -313,7 +316,7 @@ class SD3Pipeline:
 
         kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress)
         return cls(
-            transformer=load_transformer(root / "transformer", **kw),
+            transformer=load_transformer(root / "transformer", attention_impl=attention_impl, remat=remat, **kw),
             vae=load_vae(root / "vae", **kw),
             text_encoder=load_clip_text(root / "text_encoder", with_projection=True, **kw),
             text_encoder_2=load_clip_text(root / "text_encoder_2", with_projection=True, **kw),

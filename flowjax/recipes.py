@@ -73,9 +73,11 @@ def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
 
     r = c.reward = ml_collections.ConfigDict()
     r.metrics = ()  # more per-sample metric names of a host reward to return
-    r.per_shard_calls = False  # host rewards only: call per device shard (always on with several processes)
 
     c.lora = ml_collections.ConfigDict(dict(rank=32, alpha=64.0, targets=SD3_ATTENTION_TARGETS))
+    # The transformer's memory options: blocks rematerialised in the backward pass and query-chunked attention,
+    # so a training forward keeps neither per-layer activations nor [heads, L, L] probabilities ("cudnn" on GPUs).
+    c.model = ml_collections.ConfigDict(dict(remat="full", attention="chunked"))
 
     s = c.sample = ml_collections.ConfigDict()
     s.shift = 3.0  # SD3.5's scheduler shift

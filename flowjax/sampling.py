@@ -365,6 +365,18 @@ def _check_window(window, num_steps):
 # --------------------------------------------------------------------------- multistep solvers
 
 
+def step_noise(key, shape, rows=None) -> jax.Array:
+    """Standard normal noise [B, ...] for one step: `normal(key, shape)`, or with `rows` ([B] int, each
+    row's index in the whole batch) `normal(fold_in(key, row), shape[1:])` per row, so that a row's noise
+    does not depend on which other rows share the call (micro-batched rollouts draw what whole-batch ones do)."""
+    if rows is None:
+        return jax.random.normal(key, shape, jnp.float32)
+    rows = jnp.asarray(rows, jnp.int32)
+    if rows.shape != (shape[0],):
+        raise ValueError(f"rows must be [{shape[0]}] (one index per batch row), got shape {rows.shape}")
+    return jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), shape[1:], jnp.float32))(rows)
+
+
 def _half_log_snr(sig):
     """lambda = log(alpha / sigma) with alpha = 1 - sigma: -inf at sigma = 1, +inf at sigma = 0."""
     return jnp.log1p(-sig) - jnp.log(sig)
@@ -415,7 +427,7 @@ def _dpm2_rollout(velocity_fn, x0, sig):
     return traj
 
 
-def _sa_solver_rollout(velocity_fn, x0, sig, key, tau, tau_interval):
+def _sa_solver_rollout(velocity_fn, x0, sig, key, tau, tau_interval, rows=None):
     """AWM's SA-Solver in one `lax.scan` of num_steps model evaluations.
 
     Follows scxue/advantage_weighted_matching@be51372, advantage_weighted_matching/flow_grpo/
@@ -458,7 +470,7 @@ def _sa_solver_rollout(velocity_fn, x0, sig, key, tau, tau_interval):
         if key is None:  # tau is 0: no noise term to draw
             noise = jnp.zeros_like(x)
         else:
-            noise = jax.random.normal(kk, x.shape, jnp.float32)
+            noise = step_noise(kk, x.shape, rows)
         common = (
             (jnp.exp(-tau2 * h) * (t / s1)) * x
             + (alpha * -jnp.expm1(-c * h)) * m1
@@ -524,6 +536,7 @@ def rollout(
     noise_level=None,
     sde_window=None,
     sa_tau_interval=None,
+    rows=None,
 ) -> Rollout:
     """Sample from `noise` (x at sigmas[0]) to sigmas[-1] in one `jax.lax.scan`.
 
@@ -542,7 +555,8 @@ def rollout(
     sa_tau_interval: (low, high), sa_solver only: tau applies on steps whose target sigma is in
       [low, high], 0 elsewhere; default `SA_TAU_INTERVAL` = AWM's (0.3, 0.9).
     key: PRNG key for the step noise; may be None for "ode", "dpm2" and "sa_solver" with tau 0. Step i
-      draws `jax.random.normal(jax.random.split(key, T)[i], x.shape)`.
+      draws `jax.random.normal(jax.random.split(key, T)[i], x.shape)`, or with `rows` ([B] int: each row's
+      index in the whole batch) the row's own `step_noise`, so a micro-batched rollout equals the whole one.
 
     Returns Rollout(latents [T+1, B, ...], log_probs [T, B], sigmas [T+1]), all float32, T = len(sigmas) - 1,
     latents[0] = noise and latents[-1] = the final sample for every kind. Kernels and dpm2: latents[i] is
@@ -565,7 +579,7 @@ def rollout(
         if kind == "dpm2":
             traj = _dpm2_rollout(velocity_fn, x0, sig)
             return Rollout(jnp.concatenate([x0[None], traj], axis=0), zero_log_probs, sig)
-        traj, final = _sa_solver_rollout(velocity_fn, x0, sig, key, jnp.asarray(level, jnp.float32), interval)
+        traj, final = _sa_solver_rollout(velocity_fn, x0, sig, key, jnp.asarray(level, jnp.float32), interval, rows)
         return Rollout(jnp.concatenate([traj, final[None]], axis=0), zero_log_probs, sig)
 
     if sa_tau_interval is not None:
@@ -584,7 +598,7 @@ def rollout(
         if kind == "ode":
             x_next = ode_step(x, v, s, s_next).x_next
             return x_next, (x_next, jnp.zeros((batch,), jnp.float32))
-        eps = jax.random.normal(k, x.shape, jnp.float32)
+        eps = step_noise(k, x.shape, rows)
         st = step(kind, x, v, s, s_next, eps, level=level, sig_max=sig_max)
         x_next, lp = st.x_next, _log_prob(kind, st.x_next, st)
         if window is not None:

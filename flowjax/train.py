@@ -46,8 +46,10 @@ def build(config, workdir, mesh=None) -> Trainer:
         return _build_sd3(config, workdir, mesh, dtype)
     if name != "toy":
         raise ValueError(f"world.name must be 'shapes', 'sd3' or 'toy', got {name!r}")
-    arch = MMDiTConfig(**config.model)
-    model = MMDiT(arch, rngs=nnx.Rngs(config.seed), dtype=dtype)
+    arch = MMDiTConfig(**config.arch)
+    m = config.get("model") or {}
+    model = MMDiT(arch, rngs=nnx.Rngs(config.seed), dtype=dtype, attention_impl=m.get("attention", "xla"),
+                  remat=m.get("remat", "none"))
     world = ToyWorld(text_len=config.world.text_len, joint_dim=arch.joint_attention_dim,
                      pooled_dim=arch.pooled_projection_dim, channels=arch.in_channels,
                      num_prompts=config.world.num_prompts, target_scale=config.world.target_scale, seed=config.seed)
@@ -175,19 +177,20 @@ def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
                                      generate_train=w.get("generate_train", 5000),
                                      generate_test=w.get("generate_test", 500), generate_seed=w.get("generate_seed", 0))
     reward = load_reward(config.reward, mesh)
+    m = config.get("model") or {}
     pipe = SD3Pipeline.from_pretrained(w.model, dtype=dtype, param_dtype=_DTYPES[param_dtype], mesh=mesh, rules=rules,
-                                       text_encoder_3=w.get("text_encoder_3", True))
+                                       text_encoder_3=w.get("text_encoder_3", True),
+                                       attention_impl=m.get("attention", "xla"), remat=m.get("remat", "none"))
     resolution = int(w.get("resolution", 512))
     latent = pipe.check_size(resolution, resolution)
     if tuple(config.sample.latent_size) != latent:
         raise ValueError(f"sample.latent_size must be {latent} for world.resolution={resolution} with this VAE "
                          f"(vae_scale_factor {pipe.vae_scale_factor}), got {tuple(config.sample.latent_size)}; set "
                          f"--config.sample.latent_size='{latent}'")
-    batch_sharding = None
-    if jax.process_count() > 1 or config.reward.get("per_shard_calls", False):
-        from jax.sharding import NamedSharding, PartitionSpec
+    # Host rewards are called per device shard: each host scores its own rows, no batch gathers to one device.
+    from jax.sharding import NamedSharding, PartitionSpec
 
-        batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     world = SD3World(pipe, train, reward, eval_prompts=evaluation if w.get("eval_split", "test") else None,
                      resolution=resolution, max_sequence_length=w.get("max_sequence_length", 128),
                      precompute_limit=w.get("precompute_limit", 256),

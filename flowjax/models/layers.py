@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "chunked")
+ATTENTION_CHUNK = 256  # query rows per block of the "chunked" kernel
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -121,16 +122,56 @@ def attention(
     """Softmax attention over [B, L, heads, head_dim] tensors, one entry point for every kernel.
 
     `xla` is portable (CPU, TPU, GPU); `cudnn` is the fused flash kernel on NVIDIA GPUs (bf16/fp16
-    only); `auto` lets JAX pick. `bias` ([B|1, heads|1, Lq, Lk], added to the logits, e.g. T5's
-    relative positions), `mask` (boolean, True = attend) and `is_causal` (CLIP's text tower) are
-    passed through; `scale` defaults to 1/sqrt(head_dim) (T5 uses 1).
+    only); `auto` lets JAX pick; `chunked` is memory-efficient anywhere: queries in blocks of
+    `ATTENTION_CHUNK` rows, each block's attention recomputed in the backward pass (`jax.checkpoint`), so a
+    training step keeps no [heads, L, L] probability tensor (Rabe & Staats, "Self-attention does not need
+    O(n^2) memory", 2021); it equals `xla` up to float rounding. `bias` ([B|1, heads|1, Lq, Lk], added to the
+    logits, e.g. T5's relative positions), `mask` (boolean, True = attend) and `is_causal` (CLIP's text tower)
+    are passed through; `scale` defaults to 1/sqrt(head_dim) (T5 uses 1).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale)
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
         implementation=None if impl == "auto" else impl,
     )
+
+
+def _chunked_attention(q, k, v, *, bias, mask, is_causal, scale, chunk: int = ATTENTION_CHUNK):
+    """`attention(impl="chunked")`: query blocks under `lax.map`, each block rematerialised."""
+    b, lq = q.shape[0], q.shape[1]
+    if lq <= chunk:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale)
+    n = -(-lq // chunk)
+    pad = n * chunk - lq
+    causal = None
+    if is_causal:  # query row i may attend to keys j <= i: an explicit mask, as the blocks shift the rows
+        causal = jnp.arange(lq)[:, None] >= jnp.arange(k.shape[1])[None, :]
+        mask = causal[None, None] if mask is None else mask & causal[None, None]
+
+    def rows(x):  # [..., Lq, Lk] or [B, Lq, H, D] -> blocks along the query axis, first
+        if x is None:
+            return None
+        axis = 1 if x.ndim == 4 and x is q else x.ndim - 2
+        if x.shape[axis] == 1:  # broadcast along the queries
+            return None
+        x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
+        x = x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    q_blocks, bias_blocks, mask_blocks = rows(q), rows(bias), rows(mask)
+
+    @jax.checkpoint
+    def block(inp):
+        qb, bb, mb = inp
+        return jax.nn.dot_product_attention(qb, k, v, scale=scale,
+                                            bias=bias if bb is None and bias is not None else bb,
+                                            mask=mask if mb is None and mask is not None else mb)
+
+    out = jax.lax.map(block, (q_blocks, bias_blocks, mask_blocks))  # [n, B, chunk, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :lq]
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:

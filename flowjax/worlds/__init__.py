@@ -27,6 +27,7 @@ Optional (the trainer checks with hasattr / getattr):
   images(samples)            images [B, H, W, 3] in [0, 1], for sample grids
   captions(ids)              prompt texts, for sample grids
   task_names(ids)            a task per prompt, for per-task evaluation accuracies
+  cond_shapes                ([L, D], [P]) of one row's conditioning, for `flowjax.plan`
 """
 
 from __future__ import annotations
