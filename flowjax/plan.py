@@ -239,21 +239,36 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FLOWJAX_PLAN_CACHE", Path.home() / ".cache" / "flowjax" / "plan"))
 
 
+_OOM = re.compile(r"total memory required for (.+?) \(([\d.]+)([KMGT])\) exceeds available HBM")
+
+
 def measure(lowered, topology: Topology) -> dict:
-    """Per-device bytes (arguments, temporaries, outputs, aliased) and FLOPs of a compiled program; cached by
-    the program's text and the topology."""
+    """Per-device bytes (arguments, temporaries, outputs, aliased) and FLOPs of a compiled program, cached by
+    the program's text and the topology. A program the TPU compiler refuses for lack of HBM is returned with
+    `oom=True` and the temporaries the compiler asked for."""
+    import jax
+
     text = lowered.as_text()
     key = hashlib.sha256((topology.jax_name + "\n" + text).encode()).hexdigest()[:32]
     path = _cache_dir() / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    compiled = lowered.compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out = dict(arguments=int(mem.argument_size_in_bytes), temporaries=int(mem.temp_size_in_bytes),
-               outputs=int(mem.output_size_in_bytes), aliased=int(mem.alias_size_in_bytes),
-               code=int(mem.generated_code_size_in_bytes), flops=float((cost or {}).get("flops", 0.0)))
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        m = _OOM.search(str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+            raise
+        need = float(m.group(2)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(3)]
+        out = dict(arguments=0, temporaries=int(need), outputs=0, aliased=0, code=0, flops=0.0, oom=True,
+                   oom_what=m.group(1))
+    else:
+        mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out = dict(arguments=int(mem.argument_size_in_bytes), temporaries=int(mem.temp_size_in_bytes),
+                   outputs=int(mem.output_size_in_bytes), aliased=int(mem.alias_size_in_bytes),
+                   code=int(mem.generated_code_size_in_bytes), flops=float((cost or {}).get("flops", 0.0)), oom=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
     return out
@@ -263,9 +278,13 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+SAMPLE_PROGRAMS, TRAIN_PROGRAMS = ("rollout", "reward", "evaluate"), ("update",)
+
+
 def plan(config, topology: Topology, *, preset: str = "sd35-medium", devices=None, log=print) -> dict:
-    """Compiles the config's programs for `topology`, searching micro-batches when the config's do not fit.
-    Returns the report (also printed through `log`)."""
+    """Compiles the config's programs for `topology`; when they do not fit, searches the largest micro-batches
+    that do (a line through the measured memory of two sizes, each guess compiled to check it). Returns the
+    report (also printed through `log`)."""
     import jax
     import numpy as np
 
@@ -282,66 +301,92 @@ def plan(config, topology: Topology, *, preset: str = "sd35-medium", devices=Non
     resident = {"trainable params, optimizer, policies, EMA": per_device_bytes(
         (trainer.state.params, trainer.state.opt_state, trainer.state.method, trainer.state.ema)),
         "frozen model": per_device_bytes(trainer.frozen)}
-    world_state = getattr(trainer.world, "state", None)
-    if world_state is not None:
-        resident["VAE and reward model"] = per_device_bytes(world_state)
+    if getattr(trainer.world, "state", None) is not None:
+        resident["VAE and reward model"] = per_device_bytes(trainer.world.state)
     resident.update(extra)
     resident_total = sum(resident.values())
+    cache: dict = {}
 
-    def evaluate_at(sample_micro: int, train_micro: int) -> dict:
+    def measured(sample_micro: int, train_micro: int, names) -> dict:
+        """{program: measurement with its peak per device} at these micro-batches."""
         config.sample.micro_batch, config.train.micro_batch = sample_micro, train_micro
         tr, _ = build_abstract(config, mesh, preset=preset)
         lowered = tr.programs()
         rows = tr.micro_rows or tr.batch_size
-        progs = {}
-        for name, low in lowered.items():
-            m = measure(low, topology)
-            inputs = m["arguments"]  # includes resident arguments; count only what is not resident
-            progs[name] = m
-            m["inputs"] = max(0, inputs - _resident_args(name, tr))
-        # The epoch's buffers (what the rollouts keep for training, the conditioning) live through the updates.
         keep_shapes, _ = jax.eval_shape(tr._rollout, *tr._program_args["rollout"])
+        keep_shapes.pop("source", None)
         keep_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(keep_shapes))
         ctx_shape, pooled_shape = tr.world.cond_shapes
         cond_row = (math.prod(ctx_shape) + math.prod(pooled_shape)) * np.dtype(tr.compute_dtype).itemsize
-        epoch_buffers = (keep_bytes / rows * tr.method.rows(batch) + cond_row * batch) / dp
+        # The epoch's buffers (what the rollouts keep for training, the conditioning) live through the updates.
+        epoch = (keep_bytes / rows * tr.method.rows(batch) + cond_row * batch) / dp
+        update_rows = -(-(tr.method.rows(batch) // t.minibatches) // tr.train_unit) * tr.train_unit
         calls = {"rollout": batch // rows, "reward": batch // rows, "update": t.minibatches,
                  "evaluate": -(-len(tr.eval_prompt_ids()[0]) // rows) / max(1, config.eval_every)}
-        for name, m in progs.items():
-            live = epoch_buffers if name in ("rollout", "update") else 0.0
-            m["peak"] = resident_total + live + m["inputs"] + m["temporaries"] + m["outputs"] - m["aliased"]
-            m["calls"] = calls[name]
-            m["rows"] = rows if name != "update" else -(-(tr.method.rows(batch) // t.minibatches) // tr.train_unit) * tr.train_unit
-        return dict(programs=progs, epoch_buffers=epoch_buffers, sample_micro=sample_micro, train_micro=train_micro,
-                    peak=max(m["peak"] for m in progs.values()))
+        out = {}
+        for name in names:
+            key = (name, sample_micro if name in SAMPLE_PROGRAMS else train_micro)
+            if key not in cache:
+                m = dict(measure(lowered[name], topology))
+                m["inputs"] = max(0, m["arguments"] - _resident_args(name, tr))
+                live = epoch if name in ("rollout", "update") else 0.0
+                m["peak"] = (float("inf") if m.get("oom") else
+                             resident_total + live + m["inputs"] + m["temporaries"] + m["outputs"] - m["aliased"])
+                m.update(calls=calls[name], rows=update_rows if name == "update" else rows, epoch_buffers=epoch)
+                cache[key] = m
+            out[name] = cache[key]
+        return out
+
+    def search(names, current: int, total_rows: int, other: int, is_sample: bool) -> int:
+        """The largest micro-batch (rows per device per call) whose programs fit, from the current one down."""
+        at = (lambda m: measured(m, other, names)) if is_sample else (lambda m: measured(other, m, names))
+        worst = lambda res: max(r["peak"] for r in res.values())
+        need = lambda res: max(r["temporaries"] for r in res.values())  # what grows with the rows
+        sizes = _divisors(total_rows) if is_sample else list(range(1, total_rows + 1))
+        m0 = current or total_rows
+        first = at(m0)
+        if worst(first) <= hbm:
+            return current
+        points = [(m0, need(first))]
+        budget = hbm - resident_total - max(r.get("epoch_buffers", 0.0) for r in first.values())
+        for _ in range(6):  # guess with a line through the measured temporaries, then check by compiling
+            if len(points) == 1:
+                slope, base = points[0][1] / points[0][0], 0.0
+            else:
+                (m1, n1), (m2, n2) = points[-2:]
+                slope = (n1 - n2) / (m1 - m2) if m1 != m2 else n1 / m1
+                base = n1 - slope * m1
+            fit = [s for s in sizes if s < points[-1][0] and base + slope * s <= 0.9 * budget]
+            guess = max(fit) if fit else min(sizes)
+            res = at(guess)
+            if worst(res) <= hbm:
+                bigger = [s for s in sizes if guess < s < min(p[0] for p in points)]
+                for s in sorted(bigger, reverse=True)[:1]:  # one step up, when the line was pessimistic
+                    if worst(at(s)) <= hbm:
+                        return s
+                return guess
+            points.append((guess, need(res)))
+            if guess == min(sizes):
+                return guess
+        return points[-1][0]
 
     sample_micro = int(config.sample.get("micro_batch", 0) or 0)
     train_micro = int(t.get("micro_batch", 0) or 0)
-    result = evaluate_at(sample_micro, train_micro)
-    searched = False
-    if result["peak"] > hbm:  # search: the largest micro-batches (rows per device per call) that fit
-        searched = True
-        rows_per_dev = batch // dp
-        for cand in sorted(_divisors(rows_per_dev), reverse=True):
-            if sample_micro and cand > sample_micro:
-                continue
-            trial = evaluate_at(cand, train_micro or 0)
-            if max(trial["programs"][p]["peak"] for p in ("rollout", "reward", "evaluate")) <= hbm:
-                sample_micro = cand
-                break
-        mb_rows = -(-(trainer.method.rows(batch) // t.minibatches) // dp)
-        for cand in sorted(range(1, mb_rows + 1), reverse=True):
-            trial = evaluate_at(sample_micro, cand)
-            if trial["programs"]["update"]["peak"] <= hbm:
-                train_micro = cand
-                break
-        result = evaluate_at(sample_micro, train_micro)
+    rows_per_dev = batch // dp
+    searched_sample = search(SAMPLE_PROGRAMS, sample_micro, rows_per_dev, train_micro, True)
+    update_rows = -(-(trainer.method.rows(batch) // t.minibatches) // dp)
+    searched_train = search(TRAIN_PROGRAMS, train_micro, update_rows, searched_sample, False)
+    searched = (searched_sample, searched_train) != (sample_micro, train_micro)
+    programs = measured(searched_sample, searched_train, SAMPLE_PROGRAMS + TRAIN_PROGRAMS)
+    programs = {k: programs[k] for k in ("rollout", "reward", "update", "evaluate")}
+    peak = max(m["peak"] for m in programs.values())
     peak_flops = topology.chip.bf16_flops * per_dev
-    epoch_flops = sum(m["flops"] * m["calls"] for m in result["programs"].values()) * n_dev
+    epoch_flops = sum(m["flops"] * m["calls"] for m in programs.values()) * n_dev
     report = dict(config=getattr(config, "_plan_name", ""), topology=topology.name, chips=topology.chips,
-                  devices=n_dev, hbm_per_chip=topology.chip.hbm, resident=resident, **result,
-                  epoch_flops=epoch_flops, roofline_s=epoch_flops / (peak_flops * n_dev), searched=searched,
-                  fits=result["peak"] <= hbm)
+                  devices=n_dev, hbm_per_chip=topology.chip.hbm, resident=resident, programs=programs,
+                  epoch_buffers=programs["update"]["epoch_buffers"], sample_micro=searched_sample,
+                  train_micro=searched_train, peak=peak, epoch_flops=epoch_flops,
+                  roofline_s=epoch_flops / (peak_flops * n_dev), searched=searched, fits=peak <= hbm)
     _print(report, per_dev, log)
     return report
 
@@ -361,8 +406,9 @@ def _print(r: dict, chips_per_device: float, log) -> None:
         f"{'peak/chip':>9s} {'GFLOP/call':>11s}   (MiB per chip)")
     for name, m in r["programs"].items():
         per_chip = lambda b: b / chips_per_device
+        peak = "     OOM" if m.get("oom") else gib(per_chip(m["peak"]))
         log(f"{name:10s} {m['calls']:11.2f} {m['rows']:9d} {gib(per_chip(m['inputs']))} {gib(per_chip(m['temporaries']))} "
-            f"{gib(per_chip(m['outputs'] - m['aliased']))} {gib(per_chip(m['peak']))}  {m['flops'] * r['devices'] / 1e9:11.1f}")
+            f"{gib(per_chip(m['outputs'] - m['aliased']))} {peak:>9s}  {m['flops'] * r['devices'] / 1e9:11.1f}")
     for name, b in r["resident"].items():
         log(f"resident: {name}: {b / chips_per_device / 2**20:.0f} MiB per chip")
     log(f"epoch buffers (rollout keeps, conditioning): {r['epoch_buffers'] / chips_per_device / 2**20:.0f} MiB per chip")
@@ -371,6 +417,8 @@ def _print(r: dict, chips_per_device: float, log) -> None:
     log(f"micro-batches: sample.micro_batch={r['sample_micro']} train.micro_batch={r['train_micro']}"
         + (" (searched: the config's did not fit)" if r["searched"] else ""))
     peak = r["peak"] / chips_per_device
+    if not math.isfinite(peak):  # the compiler refused a program even at one row per device
+        peak = max(m["temporaries"] + m["arguments"] for m in r["programs"].values()) / chips_per_device
     log(f"plan: {r['config']} on {r['topology']} ({r['chips']} chips): peak {peak / GiB:.1f} GiB per chip of "
         f"{r['hbm_per_chip'] / GiB:.1f} GiB: {'fits' if r['fits'] else 'does not fit'}")
 
