@@ -6,7 +6,8 @@
 - Flow-GRPO's text rule (flow_grpo/ocr.py) in JAX against its plain-Python statement;
 - the whole reward against rapidocr's own pipeline on rendered images (slow: 100+ images of 512 px, both
   presets, with the speed of both measured side by side);
-- one training step of configs/ocr.py with the reward on the tiny random SD3 pipeline.
+- the SD3 world passes a jittable reward's metrics (the OCR accuracy) through; slow: one training step of
+  configs/ocr.py with the reward on the tiny random SD3 pipeline.
 """
 
 import math
@@ -72,35 +73,44 @@ def text_crops(width: int, n: int = 2):
 # ----------------------------------------------------------------------------- modules vs ONNX Runtime
 
 
-def test_detector_matches_onnxruntime(files, models):
-    img = ocr_reference.sign("Hello World", 128, 224, 34, xy=(10, 40))  # not square
-    x = ((img.astype(np.float32) / 255.0 - 0.5) / 0.5)[None]
-    (prob,) = session(files[0]).run(None, {"x": x.transpose(0, 3, 1, 2)})
-    ours = jax.jit(lambda m, x: m(x))(models[0], jnp.asarray(x))
-    assert ours.shape == (1, 128, 224) and prob.max() > 0.9  # there is text in it
-    assert rel_err(ours, prob[:, 0]) < 1e-4
+@pytest.fixture(scope="module")
+def small_reward():
+    return ocr_reward.OCRReward(max_width=640, rec_widths=(640,), chunk=4, max_boxes=4)
+
+
+@pytest.fixture(scope="module")
+def reading(small_reward):
+    """Five rendered 512 px images (the last without text) read by the reward: one compiled program."""
+    data = ocr_reference.dataset(5, seed=3, blank_every=5)
+    return data, read_all(small_reward, data, batch=5)
+
+
+def test_detector_matches_onnxruntime(files, reading):
+    """The reward's probability maps (preset paddleocr: 512 px, ImageNet normalisation) against ONNX Runtime."""
+    data, ours = reading
+    sess = session(files[0])
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    for i in (0, 1):
+        x = ((data[i][0].astype(np.float32) * np.float32(1 / 255) - mean) / std)[None]
+        (prob,) = sess.run(None, {"x": x.transpose(0, 3, 1, 2)})
+        assert prob.max() > 0.9 and ours["prob"][i].shape == (512, 512)  # there is text in it
+        assert rel_err(ours["prob"][i], prob[0, 0]) < 1e-4
 
 
 def test_recognizer_matches_onnxruntime_and_width_masks(files, models):
-    """Logits at widths 160 and 200 as ONNX Runtime computes them; the 200-wide network computed exactly
-    inside a 320-wide input through the width masks (the reward's fixed-shape batches)."""
+    """Logits of crops 160 and 200 px wide as ONNX Runtime computes them, both computed inside one 320-wide
+    batch through the width masks (the reward's fixed-shape batches; what lies past a row's width is junk)."""
     sess = session(files[1], [REC_LOGITS])
-    rec = jax.jit(lambda m, x, v: m(x, v))
-    x = text_crops(160)
-    probs, logits = sess.run(None, {"x": x.transpose(0, 3, 1, 2)})
-    ours = rec(models[1], jnp.asarray(x), None)
-    assert ours.shape == logits.shape == (2, 20, 6625)
-    assert rel_err(ours, logits) < 1e-4
-    assert rel_err(jax.nn.softmax(ours, -1), probs) < 1e-4
-    narrow = text_crops(200, 1)
-    _, ref = sess.run(None, {"x": narrow.transpose(0, 3, 1, 2)})
-    wide = np.zeros((1, 48, 320, 3), np.float32)
-    wide[:, :, :200] = narrow
-    wide[:, :, 200:] = 7.0  # whatever lies past the valid width must not matter
-    t = int(models[1].output_length(200))
-    assert t == ref.shape[1] == 25
-    ours = rec(models[1], jnp.asarray(wide), jnp.asarray([200]))
-    assert rel_err(ours[:, :t], ref) < 1e-4
+    narrow = [text_crops(160, 1), text_crops(200, 2)[1:]]
+    wide = np.full((2, 48, 320, 3), 7.0, np.float32)
+    wide[0, :, :160], wide[1, :, :200] = narrow[0][0], narrow[1][0]
+    ours = jax.jit(lambda m, x, v: m(x, v))(models[1], jnp.asarray(wide), jnp.asarray([160, 200]))
+    for row, (x, width) in enumerate(zip(narrow, (160, 200))):
+        probs, logits = sess.run(None, {"x": x.transpose(0, 3, 1, 2)})
+        t = int(models[1].output_length(width))
+        assert logits.shape == (1, t, 6625) and t == width // 8
+        assert rel_err(ours[row:row + 1, :t], logits) < 1e-4
+        assert rel_err(jax.nn.softmax(ours[row:row + 1, :t], -1), probs) < 1e-4
 
 
 def test_converter_accounts_for_every_constant(files, tmp_path):
@@ -172,43 +182,42 @@ def test_detector_input_size_rule():
 # ----------------------------------------------------------------------------- the reward against rapidocr
 
 
-def compare(reward, engine, data, batch: int = 8):
-    """(agreement, mean |reward difference|, flowjax seconds, rapidocr seconds, details)."""
-    ours, ours_reward, ours_acc, t_ours = [], [], [], 0.0
+def read_all(reward, data, batch: int = 8) -> dict:
+    """The reward's reading of (image, prompt) pairs in batches: texts, rewards, accuracies, maps, seconds."""
+    out = {"text": [], "reward": [], "accuracy": [], "prob": [], "seconds": 0.0}
     for i in range(0, len(data), batch):
         chunk = data[i:i + batch]
         images = np.stack([im for im, _ in chunk]).astype(np.float32) / 255.0
         start = time.perf_counter()
-        out = reward.read(images, [p for _, p in chunk])
-        t_ours += time.perf_counter() - start
-        ours += out["text"]
-        ours_reward += list(out["reward"])
-        ours_acc += list(out["accuracy"])
+        got = reward.read(images, [p for _, p in chunk])
+        out["seconds"] += time.perf_counter() - start
+        for key in ("text", "reward", "accuracy", "prob"):
+            out[key] += list(got[key])
+    return out
+
+
+def against_rapidocr(ours: dict, engine, data):
+    """(agreement, mean |reward difference|, rapidocr seconds, differing pairs); checks the JAX reward rule
+    on our own reading against the plain rule, and accuracy == (reward == 1)."""
     start = time.perf_counter()
     refs = [rapidocr_read(engine, im) for im, _ in data]
     t_ref = time.perf_counter() - start
     targets = [ocr_reward.ocr_target(p) for _, p in data]
+    plain = [ocr_reward.flow_grpo_reward(o, t) for o, t in zip(ours["text"], targets)]
+    np.testing.assert_allclose(ours["reward"], plain, atol=1e-6)
+    np.testing.assert_array_equal(ours["accuracy"], np.asarray(ours["reward"]) == 1.0)
     ref_reward = np.array([ocr_reward.flow_grpo_reward(r, t) for r, t in zip(refs, targets)])
-    # the JAX rule on our own reading is the plain rule on it
-    np.testing.assert_allclose(ours_reward, [ocr_reward.flow_grpo_reward(o, t) for o, t in zip(ours, targets)],
-                               atol=1e-6)
-    np.testing.assert_array_equal(ours_acc, np.asarray(ours_reward) == 1.0)
-    agree = np.mean([o == r for o, r in zip(ours, refs)])
-    diffs = [(o, r) for o, r in zip(ours, refs) if o != r]
-    return float(agree), float(np.abs(np.asarray(ours_reward) - ref_reward).mean()), t_ours, t_ref, diffs
+    agree = float(np.mean([o == r for o, r in zip(ours["text"], refs)]))
+    diffs = [(o, r) for o, r in zip(ours["text"], refs) if o != r]
+    return agree, float(np.abs(np.asarray(ours["reward"]) - ref_reward).mean()), t_ref, diffs
 
 
-@pytest.fixture(scope="module")
-def small_reward():
-    return ocr_reward.OCRReward(max_width=640, rec_widths=(640,), chunk=4, max_boxes=4)
-
-
-def test_reward_matches_rapidocr(small_reward):
-    data = ocr_reference.dataset(6, seed=3, blank_every=6)
-    agree, diff, _, _, diffs = compare(small_reward, rapidocr_engine("paddleocr"), data, batch=6)
+def test_reward_matches_rapidocr(small_reward, reading):
+    data, ours = reading
+    agree, diff, _, diffs = against_rapidocr(ours, rapidocr_engine("paddleocr"), data)
     assert agree == 1.0 and diff == 0.0, diffs
-    out = small_reward.read(np.stack([im for im, _ in data[-1:]]) / 255.0)
-    assert out["text"] == [""] and out["boxes"][0] == 0  # the blank image
+    assert ours["text"][-1] == "" and ours["reward"][-1] == 0.0  # the image without text
+    assert min(len(t) for t in ours["text"][:-1]) > 0
     with pytest.raises(ValueError, match="max_target_chars=64"):
         small_reward.tokenize(['"' + "x" * 65 + '"'])
 
@@ -220,18 +229,56 @@ def test_reward_matches_rapidocr_many(preset):
     the mean |reward - flow_grpo's reward of rapidocr's text| < 0.02; prints both speeds (images/s, CPU)."""
     reward = ocr_reward.OCRReward(preset=preset)
     data = ocr_reference.dataset(120, seed=11)
-    compare(reward, rapidocr_engine(preset), data[:8])  # compile outside the timing
-    agree, diff, t_ours, t_ref, diffs = compare(reward, rapidocr_engine(preset), data)
-    print(f"\n{preset}: agreement {agree:.3f}, mean |reward diff| {diff:.4f}, flowjax {len(data) / t_ours:.2f} "
-          f"images/s, rapidocr {len(data) / t_ref:.2f} images/s; differing: {diffs[:5]}")
+    read_all(reward, data[:8])  # compile outside the timing
+    ours = read_all(reward, data)
+    agree, diff, t_ref, diffs = against_rapidocr(ours, rapidocr_engine(preset), data)
+    print(f"\n{preset}: agreement {agree:.3f}, mean |reward diff| {diff:.4f}, flowjax "
+          f"{len(data) / ours['seconds']:.2f} images/s, rapidocr {len(data) / t_ref:.2f} images/s; "
+          f"differing: {diffs[:5]}")
     assert agree >= 0.95 and diff < 0.02
+
+
+# ----------------------------------------------------------------------------- the SD3 world
+
+
+def test_world_component_returns_reward_metrics():
+    """A jittable reward naming `metric_names` is called through `evaluate` and its metrics come back."""
+    from flowjax.worlds.sd3 import _Component
+
+    class Jittable:
+        jittable, params = True, None
+
+        def __init__(self, metric_names):
+            self.metric_names = metric_names
+
+        def tokenize(self, table):
+            return np.asarray([[len(p["prompt"])] for p in table], np.int32)
+
+        def score(self, params, images, tokens):
+            return images.mean((1, 2, 3)) + tokens[:, 0]
+
+        def evaluate(self, params, images, tokens):
+            reward = self.score(params, images, tokens)
+            return {"reward": reward, "accuracy": (reward > 3).astype(jnp.int32)}
+
+    table = [{"prompt": "ab"}, {"prompt": "abcd"}]
+    images, ids = jnp.full((3, 4, 4, 3), 0.5), jnp.asarray([1, 0, 1])
+    with_metrics = _Component("x", Jittable(("accuracy",)), 1.0, table, (), None)
+    out = jax.jit(lambda im, i, t: with_metrics(im, i, None, t))(images, ids, with_metrics.tokens)
+    assert with_metrics.metrics == ("accuracy",) and out["accuracy"].dtype == jnp.float32
+    np.testing.assert_allclose(out["reward"], [4.5, 2.5, 4.5])
+    np.testing.assert_array_equal(out["accuracy"], [1.0, 0.0, 1.0])
+    plain = _Component("x", Jittable(()), 1.0, table, (), None)
+    assert plain.metrics == () and set(plain(images, ids, None, plain.tokens)) == {"reward"}
 
 
 # ----------------------------------------------------------------------------- configs/ocr.py, one step
 
 
+@pytest.mark.slow
 def test_configs_ocr_one_step(tmp_path):
-    """Flow-GRPO (configs/ocr.py's default) with the OCR reward inside the jitted step, tiny random SD3."""
+    """Flow-GRPO (configs/ocr.py's default) with the OCR reward inside the jitted step, tiny random SD3
+    (slow: ~130 CPU-seconds, the trainer's programs plus the reward's, twice: rollout and evaluation)."""
     pytest.importorskip("transformers")
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")

@@ -19,8 +19,9 @@
   multi           flowjax.rewards.multi.MultiReward(weights={name: w}, rewards={name: reward or
                   {"name": ..., "path": ..., **options}}) - a dict component is loaded with `load`
 
-The Flax rewards (shapes, pickscore, clipscore, aesthetic, hpsv2, ocr) are jittable: `reward.tokenize(prompts)`
-turns prompts into an int32 array on the host (CLIP token ids; the shapes world's specs), and
+The Flax rewards (shapes, pickscore, clipscore, aesthetic, hpsv2, ocr) are jittable:
+`reward.tokenize(prompts)` turns prompts into an int32 array on the host (CLIP token ids; the shapes
+world's specs; the OCR targets' code points), and
 `reward.score(reward.params, images, tokens)` is a pure JAX function to call inside a jitted step
 (pass `reward.params` as an argument, so the weights are not baked into the program as constants).
 `reward(images, tokens)` with such an int array in place of the prompts is jittable too. A jittable

@@ -382,7 +382,7 @@ class OCRReward:
         text, n_text = self.text_codes(ids, selected, kept)
         reward, accuracy = match_reward(text, n_text, jnp.asarray(tokens, jnp.int32))
         return {"reward": reward, "accuracy": accuracy, "ids": ids, "selected": selected, "kept": kept,
-                "boxes": found}
+                "boxes": found, "prob": prob}
 
     def evaluate(self, params, images, tokens) -> dict[str, jax.Array]:
         """{"reward": [B], "accuracy": [B]} of images [B, H, W, 3] in [0, 1] and tokenized prompts (traceable)."""
@@ -401,8 +401,8 @@ class OCRReward:
 
     def read(self, images, prompts=None) -> dict[str, Any]:
         """What the reward reads (host): {"text": [str] (the kept boxes' texts joined in box order, as the
-        reference joins them), "boxes": boxes found per image}, with "reward" and "accuracy" when prompts
-        are given."""
+        reference joins them), "boxes": boxes found per image, "prob": the detector's maps}, with "reward"
+        and "accuracy" when prompts are given."""
         images = jnp.asarray(images)
         if prompts is None:
             tokens = np.full((images.shape[0], 1 + self.max_target_chars), _TARGET_PAD, np.int32)
@@ -413,7 +413,7 @@ class OCRReward:
         ids, selected, kept = out["ids"], out["selected"], out["kept"]
         texts = ["".join(self.characters[i] for k in np.flatnonzero(kept[b]) for i in ids[b, k][selected[b, k]])
                  for b in range(ids.shape[0])]
-        result = {"text": texts, "boxes": out["boxes"]}
+        result = {"text": texts, "boxes": out["boxes"], "prob": out["prob"]}
         if prompts is not None:
             result.update(reward=out["reward"], accuracy=out["accuracy"])
         return result

@@ -32,8 +32,9 @@ The trainer's world interface, and what this world does for each part:
 - `score(samples, ids, state=None) -> {"reward": [B], name: [B], ...}`: the reward and every named
   quantity the reward provides (multi-reward components, host metrics such as GenEval's `accuracy` =
   strict_rewards, the OCR reward's `accuracy`). `accuracy(samples, ids)` exists only when the reward
-  provides an `accuracy` metric (GenEval, OCR); a host reward's single server call serves both `reward` and `accuracy` of the same samples
-  (the last results are kept, keyed by a fingerprint of images and prompts).
+  provides an `accuracy` metric (GenEval, OCR); a host reward's single server call serves both `reward`
+  and `accuracy` of the same samples (the last results are kept, keyed by a fingerprint of images and
+  prompts).
 - `state`: the arrays `reward`/`score`/`accuracy` read (VAE decoder weights, Flax reward weights, token
   tables). Called as `reward(samples, ids)` they are closed over, i.e. baked into the jitted program as
   constants; a trainer that passes `world.state` as a jitted argument, `reward(samples, ids, state=...)`,
