@@ -261,7 +261,8 @@ def test_ocr_nft_one_step(tiny, servers, tmp_path):
     c = shrink(ocr.get_config("nft"), tiny["model"])
     c.world.prompts = str(tiny["ocr"])
     c.world.precompute_limit = 1  # 3 training prompts: encoded per batch; the 1 test prompt up front
-    c.reward.url = servers["ocr"].url + "/score"
+    c.reward.name, c.reward.url = "remote", servers["ocr"].url + "/score"  # the server option of configs/ocr.py
+    c.reward.options = {"timeout": 120.0, "retries": 3, "batch_size": 64}
     c.reward.metrics = ("chars",)
     trainer, rows = run_one_step(c, tmp_path)
     world = trainer.world

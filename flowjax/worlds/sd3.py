@@ -19,7 +19,9 @@ The trainer's world interface, and what this world does for each part:
   VAE decoder (`latents / scaling_factor + shift_factor`) to images in [0, 1], then the reward:
     * a jittable Flax reward (`flowjax.rewards.load("pickscore", ...)`: `tokenize` / `score(params, images,
       tokens)` / `params`): the prompts are tokenised once on the host into a table, and
-      `score(params, images, table[ids])` runs inside the jitted step;
+      `score(params, images, table[ids])` runs inside the jitted step; one that names per-sample
+      `metric_names` (the OCR reward's `accuracy`) is called as `evaluate(params, images, tokens) ->
+      {"reward": [B], name: [B], ...}` instead;
     * a host reward (`geneval_remote`, `remote`, `callback`): through its `as_jax` bridge
       (`jax.pure_callback`) over this world's prompt table;
     * a `MultiReward`: each component by its own route, then the weighted sum; every component is
@@ -29,9 +31,10 @@ The trainer's world interface, and what this world does for each part:
   JSON server both the prompt and the metadata, and a CLIP reward the prompt text.
 - `score(samples, ids, state=None) -> {"reward": [B], name: [B], ...}`: the reward and every named
   quantity the reward provides (multi-reward components, host metrics such as GenEval's `accuracy` =
-  strict_rewards). `accuracy(samples, ids)` exists only when the reward provides an `accuracy` metric
-  (GenEval); a host reward's single server call serves both `reward` and `accuracy` of the same samples
-  (the last results are kept, keyed by a fingerprint of images and prompts).
+  strict_rewards, the OCR reward's `accuracy`). `accuracy(samples, ids)` exists only when the reward
+  provides an `accuracy` metric (GenEval, OCR); a host reward's single server call serves both `reward`
+  and `accuracy` of the same samples (the last results are kept, keyed by a fingerprint of images and
+  prompts).
 - `state`: the arrays `reward`/`score`/`accuracy` read (VAE decoder weights, Flax reward weights, token
   tables). Called as `reward(samples, ids)` they are closed over, i.e. baked into the jitted program as
   constants; a trainer that passes `world.state` as a jitted argument, `reward(samples, ids, state=...)`,
@@ -127,7 +130,8 @@ class _Component:
             tokens = reward.tokenize(table)
             self.tokens = None if tokens is None else jnp.asarray(np.asarray(tokens))
             self.params = getattr(reward, "params", None)
-            self.metrics: tuple[str, ...] = ()
+            # a jittable reward with per-sample metrics (the OCR reward's accuracy) returns them from `evaluate`
+            self.metrics: tuple[str, ...] = tuple(getattr(reward, "metric_names", ()) or ())
         elif callable(reward) or hasattr(reward, "score"):
             from flowjax.rewards.remote import as_jax
 
@@ -142,6 +146,9 @@ class _Component:
         """{"reward": [B], metric: [B], ...} of this component."""
         if self.jittable:
             toks = None if tokens is None else tokens[ids]
+            if self.metrics:
+                out = self.reward.evaluate(params, images, toks)
+                return {k: jnp.asarray(out[k], jnp.float32) for k in ("reward", *self.metrics)}
             return {"reward": jnp.asarray(self.reward.score(params, images, toks), jnp.float32)}
         out = self.bridge(images, ids)
         return dict(out) if isinstance(out, Mapping) else {"reward": out}
