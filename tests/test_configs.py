@@ -84,6 +84,23 @@ def test_every_variant_builds_and_validates(name, variant):
         assert m.eval_ema.to_dict() == {"decay": 0.9, "every": 1, "cadence": "update"}
 
 
+@pytest.mark.parametrize("devices", [8, 16, 32, 64])
+def test_every_recipe_starts_on_meshes_of_8_to_64_devices(devices):
+    """Rollout batches divide the devices; minibatches are padded with zero-weight rows (under one row per
+    device) where they do not (NFT's 72, AWM's 96, Flow-GRPO's 288 on 64 devices)."""
+    from flowjax.rl.method import build_method
+    from flowjax.rl.trainer import minibatch_layout
+
+    for module in CONFIGS.values():
+        for variant in module.VARIANTS:
+            c = module.get_config(variant)
+            batch = c.train.prompts_per_batch * c.train.group_size
+            assert batch % devices == 0, (module.__name__, variant, devices)
+            size, padded, calls = minibatch_layout(build_method(c).rows(batch), c.train.minibatches, devices)
+            assert padded % devices == 0 and 0 <= padded - size < devices and calls == 1
+    assert minibatch_layout(72, 1, 32) == (72, 96, 1) and minibatch_layout(288, 1, 64, micro=2) == (288, 384, 3)
+
+
 def test_default_variant_is_grpo():
     for module in CONFIGS.values():
         assert module.get_config("").variant == module.get_config().variant == "grpo"
@@ -285,6 +302,8 @@ def test_pickscore_awm_one_step(tiny, tmp_path):
     trainer, rows = run_one_step(c, tmp_path)
     world = trainer.world
     assert world.components[0].jittable and world.state["tokens"]["pickscore"].shape == (3, 16)
+    # every prompt is in the precomputed tables: the text encoders left device memory
+    assert world.encoders_released and world.pipe.text_encoder is None and world.pipe.text_encoder_3 is None
     # the world's reward equals the reward object's own scoring of the decoded images
     noise = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     ours = jax.jit(world.reward)(noise, jnp.asarray([2, 0]))

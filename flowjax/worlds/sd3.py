@@ -207,6 +207,8 @@ class SD3World:
             vae_graphdef, vae_state = nnx.split(pipe.vae)
             neg_ctx, neg_pooled = self._encode_texts([""])
             _shared = dict(vae_graphdef=vae_graphdef, vae_state=vae_state, neg=(neg_ctx[0], neg_pooled[0]))
+        else:
+            _shared = {**_shared, "owner": False}
         self._shared = _shared
         self._vae_graphdef = _shared["vae_graphdef"]
         self.neg_ctx, self.neg_pooled = _shared["neg"]
@@ -232,6 +234,13 @@ class SD3World:
                                        max_sequence_length=max_sequence_length, precompute_limit=precompute_limit,
                                        encode_batch_size=encode_batch_size, metrics=metrics, sharding=sharding,
                                        _shared=_shared)
+        # When every prompt this world (and its eval world) will see is encoded, the text encoders (T5-XXL alone
+        # is 9.5 GB in bf16) leave device memory: training never runs them again.
+        tables = [w for w in (self, self.eval_world) if w is not None]
+        if _shared.get("owner", True) and all(w._table_ctx is not None for w in tables):
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                setattr(pipe, name, None)
+            self.encoders_released = True
 
     # ------------------------------------------------------------------ sizes and text
 
@@ -251,8 +260,12 @@ class SD3World:
 
     # ------------------------------------------------------------------ conditioning (host)
 
+    encoders_released = False
+
     def _encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ctx [N, L, D], pooled [N, P]) host arrays in the pipeline's dtype, in fixed-size encoder calls."""
+        if self.encoders_released:
+            raise RuntimeError("this SD3 world released its text encoders after encoding its prompt tables")
         n = min(self.encode_batch_size, len(texts))
         ctxs, pooleds = [], []
         for i in range(0, len(texts), n):
