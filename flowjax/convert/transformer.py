@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
-from tqdm.auto import tqdm
 
 from flowjax import sharding as sharding_lib
-from flowjax.convert import mapping
+from flowjax.convert import mapping, model_io
 from flowjax.convert.mapping import CONV2D, IDENTITY, dense, norm_scale
-from flowjax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config_json, write_safetensors
-from flowjax.models import lora
+from flowjax.convert.safetensors_io import SafetensorsReader
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -66,15 +63,13 @@ def mmdit_table(cfg: MMDiTConfig) -> list[mapping.KeyMap]:
     return mapping.build_table(_TOP, stacks)
 
 
+CLASS_NAME = "SD3Transformer2DModel"
+
+
 def read_config(path: str | os.PathLike) -> MMDiTConfig:
-    cfg_file, raw = read_config_json(path, folder="the diffusers transformer folder (with config.json)",
-                                     subfolders=("transformer",))
-    if raw.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
-        raise CheckpointError(f"{cfg_file} describes a {raw['_class_name']}, not an SD3Transformer2DModel")
-    try:
-        return MMDiTConfig.from_diffusers(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+    return model_io.read_model_config(
+        path, MMDiTConfig.from_diffusers, folder="the diffusers transformer folder (with config.json)",
+        subfolders=("transformer",), wrong_kind=model_io.class_name_is(CLASS_NAME, "an"))
 
 
 def load_transformer(
@@ -95,17 +90,11 @@ def load_transformer(
     `rules`, and activations are constrained to the same rules.
     """
     cfg = read_config(path)
-    reader = SafetensorsReader(path, WEIGHTS_NAME)
-    graphdef, abstract_state, shardings = sharding_lib.abstract_model(
+    return model_io.load_model(
         lambda act: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                           attention_impl=attention_impl, remat=remat, activation_sharding=act),
-        mesh, rules,
-    )
-    bar = (lambda it: tqdm(it, desc="loading transformer", unit="tensor")) if progress else (lambda it: it)
-    state = mapping.load_state(
-        mmdit_table(cfg), abstract_state, reader, what="SD3Transformer2DModel", shardings=shardings, progress=bar
-    )
-    return nnx.merge(graphdef, state)
+        mmdit_table(cfg), SafetensorsReader(path, WEIGHTS_NAME), what=CLASS_NAME, path=path, mesh=mesh,
+        rules=rules, progress=progress)
 
 
 def save_transformer(model: MMDiT, path, *, dtype=None, max_shard_bytes: int | None = None) -> Path:
@@ -114,10 +103,5 @@ def save_transformer(model: MMDiT, path, *, dtype=None, max_shard_bytes: int | N
     LoRA adapters are merged into the written kernels (the model itself is left as it is). Weights
     are written in their stored dtype unless `dtype` is given (e.g. `jnp.bfloat16`).
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    tensors = mapping.export_state(mmdit_table(cfg), lora.merged_state(model), dtype=dtype)
-    write_safetensors(tensors, path, WEIGHTS_NAME, max_shard_bytes=max_shard_bytes)
-    (path / "config.json").write_text(json.dumps(cfg.to_diffusers(), indent=2))
-    return path
+    return model_io.save_model(model, mmdit_table(model.config), model.config.to_diffusers(), path,
+                               weights_name=WEIGHTS_NAME, dtype=dtype, max_shard_bytes=max_shard_bytes)
