@@ -227,9 +227,16 @@ def _chunked_attention(q, k, v, *, bias, mask, is_causal, scale, chunk: int = AT
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding of diffusers-unit timesteps, cos half first (flip_sin_to_cos, shift 0)."""
+    """Sinusoidal embedding of diffusers-unit timesteps, cos half first (flip_sin_to_cos, shift 0), as diffusers'
+    `get_timestep_embedding`.
+
+    The frequencies exp(-ln(max_period) * j / half) take their float32 exponent as diffusers computes it and the
+    exponential in float64 on the host, rounded once: the arguments t * freq reach 1000 (and 1000 * guidance
+    in FLUX.1-dev), which magnifies any last-bit difference of a float32 exp.
+    """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
