@@ -168,14 +168,10 @@ def flux_sigmas(num_steps: int, *, mu: float | None = None, shift: float = 1.0,
     e^mu / (e^mu + 1/s - 1) ("exponential", its default) or mu / (mu + 1/s - 1) ("linear"), else the fixed
     `time_shift(s, shift)` (FLUX.1-schnell: shift 1, the plain linspace). Computed in float32 as numpy does there.
     """
-    if isinstance(num_steps, bool) or not float(num_steps).is_integer() or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    num_steps = int(num_steps)
+    num_steps = _check_schedule_args(num_steps, shift)
     s = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
     if mu is None:
-        if not (math.isfinite(shift) and shift > 0):
-            raise ValueError(f"shift must be a positive finite number, got {shift!r}")
-        out = np.float32(shift) * s / (np.float32(1.0) + np.float32(shift - 1.0) * s)
+        out = time_shift(s, float(shift))  # a Python float with a float32 array: float32 arithmetic, as there
     else:
         if time_shift_type not in ("exponential", "linear"):
             raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
