@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from flowjax.convert.transformer import FAMILIES, family_of_config
+from flowjax.models import presets
 from flowjax.models.flux import FluxConfig
 from flowjax.models.mmdit import MMDiTConfig
 
@@ -42,13 +43,9 @@ PRESETS = {
     "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
                        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
-    # FLUX.1 (black-forest-labs/FLUX.1-dev and -schnell transformer/config.json): the same shape, dev embeds guidance.
-    "flux-dev": dict(family="flux", in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                     guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
-    "flux-schnell": dict(family="flux", in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                         guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+    # FLUX.1 (flowjax.models.presets: the FLUX.1-dev / -schnell transformer/config.json).
+    "flux-dev": dict(family="flux", **presets.FLUX_DEV),
+    "flux-schnell": dict(family="flux", **presets.FLUX_SCHNELL),
     "flux-tiny": dict(family="flux", in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
                       num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
                       axes_dims_rope=(8, 12, 12)),
@@ -126,8 +123,9 @@ def image_tokens(cfg, resolution) -> int:
 
 
 def bench_flowjax(cfg, args, inputs):
-    model = family_of_config(cfg).model(cfg, rngs=nnx.Rngs(0), dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype],
-                  attention_impl=args.attention, remat=args.remat)
+    model = family_of_config(cfg).model(cfg, rngs=nnx.Rngs(0), dtype=DTYPES[args.dtype],
+                                        param_dtype=DTYPES[args.param_dtype], attention_impl=args.attention,
+                                        remat=args.remat)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     inputs = [jnp.asarray(a) for a in inputs]
 

@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     imp.add_argument("dst", help="new flowjax model folder")
     imp.add_argument("--param-dtype", choices=DTYPES, default="float32", help="dtype the weights are stored in")
     exp = sub.add_parser("export-transformer", help="flowjax model folder -> diffusers transformer folder (LoRA merged)",
-                         description="Writes config.json + safetensors for SD3Transformer2DModel / FluxTransformer2DModel"
-                         ".from_pretrained. "
+                         description="Writes config.json + safetensors for SD3Transformer2DModel / "
+                         "FluxTransformer2DModel.from_pretrained. "
                          "LoRA adapters, if the model has any, are merged into the written weights (the "
                          "merge is exact in fp32); use export-lora to write the adapter on its own.")
     exp.add_argument("src", help="flowjax model folder (from import-transformer) or training run (--workdir)")

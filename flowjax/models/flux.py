@@ -120,14 +120,14 @@ def unpack_latents(tokens: jax.Array, height: int, width: int) -> jax.Array:
                             p=PACK, q=PACK)
 
 
-
 def image_ids(h: int, w: int) -> np.ndarray:
     """[h*w, 3] ids (0, row, col) of a packed h x w token grid, row-major (`_prepare_latent_image_ids`)."""
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     return np.stack([np.zeros_like(rows), rows, cols], axis=-1).reshape(h * w, 3)
 
 
-def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float = ROPE_THETA) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float = ROPE_THETA
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(cos, sin) [S, sum(axes_dims)] float32 of FluxPosEmbed: per axis i, angles pos_i * theta^(-2j/d_i) in
     float64, each repeated twice (interleaved pairs), the axes concatenated."""
     cos, sin = [], []
