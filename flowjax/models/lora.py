@@ -23,6 +23,11 @@ SD3_ATTENTION_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 )
+# FLUX.1: the same PEFT names. PEFT matches a target as a dotted suffix, so `attn.to_q/k/v` adapt the q, k, v
+# projections of the double-stream blocks (`transformer_blocks.i.attn`) and of the single-stream blocks
+# (`single_transformer_blocks.i.attn`, which have no to_out: their `proj_out` also mixes in the MLP), the other
+# five the double-stream blocks' image / text projections; flowjax matches the same way.
+FLUX_ATTENTION_TARGETS = SD3_ATTENTION_TARGETS
 BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
