@@ -81,6 +81,8 @@ def parse_topology(name: str) -> Topology:
 
 def tpu_devices(topology: Topology):
     """Abstract devices of the topology (libtpu compiles for them; nothing runs)."""
+    # The compiler is loaded into more than one process at a time (tests, parallel plans); no TPU is opened.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         import libtpu  # noqa: F401
     except ImportError:

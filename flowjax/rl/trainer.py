@@ -202,9 +202,11 @@ class Trainer:
             raise ValueError(f"train.micro_batch must be >= 0 (rows per device per gradient call), got {train_micro}")
         _, self.minibatch_rows, self.train_calls = minibatch_layout(self.method.rows(self.batch_size), t.minibatches,
                                                                      dp, train_micro)
-        self.sigmas = self.method.schedule(s.num_steps, s.shift)
-        self.rollout_sigmas = self.method.rollout_sigmas(s.num_steps, s.shift)
-        self.eval_sigmas = sampling.sigmas(s.eval_num_steps, s.shift)
+        # sample.shift: SD3's shift, or "dynamic" for the world's own schedule (FLUX's resolution shift)
+        shift = world.sigmas if s.shift == "dynamic" else float(s.shift)
+        self.sigmas = self.method.schedule(s.num_steps, shift)
+        self.rollout_sigmas = self.method.rollout_sigmas(s.num_steps, shift)
+        self.eval_sigmas = shift(s.eval_num_steps) if callable(shift) else sampling.sigmas(s.eval_num_steps, shift)
         self.ema_spec = self.method.eval_ema()
         self.nfes = self.method.nfes(self.batch_size)
         self.compute_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
@@ -234,8 +236,11 @@ class Trainer:
         self.ref_params = (params if abstract else lora.disabled(params)) if config.lora.rank > 0 else params
         self.graphdef = graphdef
 
+        guidance = getattr(world, "model_guidance", None)  # FLUX.1-dev's embedded guidance, an input of the model
+
         def apply(p, x, timesteps, ctx, pooled, *, frozen):
-            out = nnx.merge(graphdef, p, frozen)(x, timesteps, ctx, pooled)
+            extra = {} if guidance is None else {"guidance": jnp.full(timesteps.shape, guidance, jnp.float32)}
+            out = nnx.merge(graphdef, p, frozen)(x, timesteps, ctx, pooled, **extra)
             return to_velocity(out, x, timesteps / 1000.0, prediction)
 
         self.apply = apply
