@@ -15,7 +15,7 @@ folder with train.txt / test.txt, one caption per line; required), `reward.path`
 folder, required), `reward.options.tokenizer` ("" = the folder's own tokenizer; Flow-GRPO takes tokenizer and
 processor from laion/CLIP-ViT-H-14-laion2B-s32B-b79K, which has the same vocabulary and preprocessing).
 The reward is exp(logit_scale) * cos(image, text) / 26 (flow_grpo pickscore_scorer.py). Evaluation (ODE,
-`sample.eval_num_steps` steps, fixed noise, the first `sample.num_eval_prompts` test prompts) logs
+`sample.eval_num_steps` steps, fixed noise, the whole test split in `sample.micro_batch` calls; `sample.num_eval_prompts` caps it) logs
 `eval/reward_mean` to WORKDIR/metrics.jsonl.
 
 Variants (each method's published SD3.5-M recipe, sources and per-value citations in flowjax/recipes.py; the
@@ -39,7 +39,9 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
   K = 6 branches at each of the first 9 of 10 steps, each one SDE step (a 0.7) then ODE to the end, the
   branch's reward that step's; 8 prompts x 4 seeds per epoch (1,728 scored branches), advantages per
   (seed, step) group, the PPO term weighted by the normalised noise level, KL beta 0.001 (unweighted),
-  4 minibatches, two optimizer steps per epoch, EMA copy (0.9, every 8), evaluation every 20 epochs.
+  4 minibatches, two optimizer steps per epoch, EMA copy (0.9, every 8), evaluation every 20 epochs. Its 32
+  seeds per epoch run on up to 32 data-parallel devices (train.prompts_per_batch=16 on 64); sample.micro_batch
+  and train.micro_batch work as for the others.
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
 eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages (tempflow:
 per group), 512 px, T5 length 128.
@@ -50,7 +52,6 @@ What still differs from the references, and why:
 - one SDE window per epoch for cps_fast (flow_grpo draws one per pipeline call, seeded with the process index);
 - the zero-advantage filter and AWM's timestep draws work on the global batch / minibatch (the references do
   both per process; the same with one process);
-- evaluation runs the first `sample.num_eval_prompts` test prompts (the references: the whole test split);
 """
 
 import ml_collections

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import geneval, toy
+from configs import geneval, pickscore, shapes, toy
 from flowjax import sampling
 from flowjax.rl.method import Cond, Context, velocity
 from flowjax.rl.tempflow import branched_rollout, lane_plan, noise_weights, to_rows
@@ -25,11 +25,12 @@ GUIDANCE = 2.0
 
 
 def cond(batch=B, seed=0):
-    """Conditioning drawn with NumPy (a jax.random draw per shape costs a compile)."""
+    """Conditioning drawn with NumPy (a jax.random draw per shape costs a compile); the negative prompt's
+    embeddings stored once, as the trainer's."""
     rng = np.random.default_rng(seed)
     ctx = jnp.asarray(rng.normal(size=(batch, L, D)), jnp.float32)
     pooled = jnp.asarray(rng.normal(size=(batch, C)), jnp.float32)
-    return Cond(ctx, pooled, jnp.zeros_like(ctx), 0.5 * jnp.ones_like(pooled))
+    return Cond(ctx, pooled, jnp.zeros((L, D), jnp.float32), 0.5 * jnp.ones((C,), jnp.float32))
 
 
 def normal(shape, seed=1):
@@ -41,7 +42,7 @@ def np_velocity(p, x, s, cd, guidance=GUIDANCE):
     NumPy arrays."""
     w, b = p["w"], p["b"]
     one = lambda pooled: x * w + pooled[:, None, None, :C] * b + 0.3 * s.reshape(-1, 1, 1, 1)
-    v_u, v_c = one(cd.neg_pooled), one(cd.pooled)
+    v_u, v_c = one(np.broadcast_to(cd.neg_pooled, cd.pooled.shape)), one(cd.pooled)
     return v_u + guidance * (v_c - v_u)
 
 
@@ -163,13 +164,14 @@ def test_lane_plan_runs_each_tail_once():
 @pytest.fixture(scope="module")
 def rolled():
     """A toy tempflow method (6 steps, 3 branch steps, K 4, CFG 2) with beta 0.3 and clip 0.05, and its rollout
-    of the linear model for B seeds: (method, config, sigmas, conditioning, keep, samples)."""
+    of the linear model for B seeds with the trainer's row indices: (method, config, sigmas, conditioning, keep,
+    samples)."""
     method, c = toy_method("tempflow", beta=0.3, clip_range=0.05)
     sig = method.schedule(c.sample.num_steps, c.sample.shift)
     cd = cond()
     v = lambda x, s: velocity(linear_apply, PARAMS, x, s, cd, method.cfg.guidance)
     noise = normal((B, H, W, C))
-    keep, samples = jax.jit(lambda z: method.rollout(v, z, sig, jax.random.key(2), None))(noise)
+    keep, samples = jax.jit(lambda z: method.rollout(v, z, sig, jax.random.key(2), None, jnp.arange(B)))(noise)
     return method, c, sig, cd, keep, samples
 
 
@@ -252,7 +254,7 @@ def test_first_minibatch_is_on_policy_and_the_loss_follows_the_reference(rolled)
     s = np.asarray(sig, np.float64)
     w_noise = np.asarray(noise_weights(sig, 0.7, jnp.arange(n)), np.float64)
     src = np.asarray(keep["source"])[rows]
-    cd_rows = Cond(*(a[src] for a in to_np(cd)))
+    cd_rows = to_np(cd.rows(src))
     policy, kl = [], []
     for j in range(n):  # chunk j: the j-th row of every unit
         sel = np.arange(j, size, n)
@@ -260,7 +262,7 @@ def test_first_minibatch_is_on_policy_and_the_loss_follows_the_reference(rolled)
         y = np.asarray(mb["next_latents"], np.float64)[sel]
         idx = np.asarray(mb["step"])[sel]
         assert np.all(idx == j)
-        cd_j = Cond(*(a[sel] for a in cd_rows))
+        cd_j = cd_rows.rows(sel)
         si, sn = s[idx], s[idx + 1]
         mean, std = np_sde(x, np_velocity(to_np(other), x, si, cd_j), si, sn, s[1])
         ref_mean, _ = np_sde(x, np_velocity(to_np(REF), x, si, cd_j), si, sn, s[1])
@@ -277,6 +279,85 @@ def test_first_minibatch_is_on_policy_and_the_loss_follows_the_reference(rolled)
     np.testing.assert_allclose(float(m1["loss"]), np.mean(policy) + 0.3 * np.mean(kl), rtol=2e-4, atol=1e-6)
 
 
+def test_micro_batched_rollout_equals_the_whole_one(rolled):
+    """With `rows` (the trainer's row indices) each seed draws its own branch noise: rollouts in two micro-batch
+    calls of 2 seeds, concatenated, give the whole call's rows, groups and samples; the per-seed draw is
+    `step_noise(key, (B, n, K, ...), rows)`."""
+    method, c, sig, cd, keep, samples = rolled
+    v_of = lambda cd_: (lambda x, s: velocity(linear_apply, PARAMS, x, s, cd_, method.cfg.guidance))
+    noise, key = normal((B, H, W, C)), jax.random.key(2)
+    run = jax.jit(lambda z, cd_, r: method.rollout(v_of(cd_), z, sig, key, None, r))
+    whole = (keep, samples)  # the fixture's: one call of the B seeds with rows arange(B)
+    parts = [run(noise[r], cd.rows(r), jnp.asarray(r, jnp.int32)) for r in (np.arange(2), np.arange(2, B))]
+    n, k = method.branch_steps, c.tempflow.branches
+    for name in whole[0]:
+        got = np.concatenate([np.asarray(p[0][name]) for p in parts])
+        if name == "source":  # each row's seed within its call
+            np.testing.assert_array_equal(got, np.tile(np.arange(2).repeat(k * n), 2))
+        else:
+            np.testing.assert_allclose(got, np.asarray(whole[0][name]), rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(np.concatenate([np.asarray(p[1]) for p in parts]), np.asarray(whole[1]), rtol=1e-6,
+                               atol=1e-6)
+    # the per-seed noise: seed b's branches at step i start from the trunk state plus its own eps[b, i, k]
+    eps = np.asarray(sampling.step_noise(key, (B, n, k, H, W, C), jnp.arange(B)))
+    x, y = (np.asarray(whole[0][a]).reshape(B, k, n, H, W, C) for a in ("latents", "next_latents"))
+    d = (y - x)[:, 1, 0] - (y - x)[:, 0, 0]  # two branches of step 0 differ by std (eps_1 - eps_0)
+    e = eps[:, 0, 1] - eps[:, 0, 0]
+    np.testing.assert_allclose(d / e, np.full_like(d, (d / e).mean()), rtol=1e-3)
+
+
+def test_grads_do_not_depend_on_padding_or_row_order(rolled):
+    """The trainer pads a minibatch with zero-weight rows to the mesh (and splits it into `train.micro_batch`
+    parts): the gradient is the weighted mean over the real rows whatever the padding and the row order."""
+    method, c, sig, cd, keep, samples = rolled
+    adv = method.advantages(normal((samples.shape[0],), seed=7) * 3.0, None, 0, keep)
+    rows, weights = (np.asarray(a) for a in method.plan(adv, jax.random.key(3), c.train.minibatches))
+    size = len(rows) // c.train.minibatches
+    rows, weights = rows[:size], weights[:size]
+    other = {"w": PARAMS["w"] * 1.05, "b": PARAMS["b"] - 0.1}
+    run = jax.jit(lambda m: method.grads(Context(linear_apply, REF, sig), other, None, m, None, jax.random.key(0)))
+    g0, m0 = run(minibatch(method, keep, rows, adv, jnp.asarray(weights), cd))
+    padded = np.resize(rows, size + 5)  # 5 rows of weight 0, as the trainer pads (not a multiple of n)
+    w = np.concatenate([weights, np.zeros(5, np.float32)])
+    g1, m1 = run(minibatch(method, keep, padded, adv, jnp.asarray(w), cd))
+    perm = np.random.default_rng(0).permutation(size + 5)
+    g2, m2 = run(minibatch(method, keep, padded[perm], adv, jnp.asarray(w[perm]), cd))
+    for g in (g1, g2):
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-7)
+    for m in (m1, m2):
+        for name in ("loss", "policy_loss", "kl_loss"):
+            np.testing.assert_allclose(float(m[name]), float(m0[name]), rtol=2e-5, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.slow
+def test_micro_batched_epoch_equals_the_whole_one(tmp_path):
+    """(~220 s on 2 shared CPU cores.) configs/toy.py:tempflow, one epoch: rollouts in `sample.micro_batch`
+    calls of 2 seeds and updates in `train.micro_batch` calls of 5 rows (48-row minibatches padded to 50: parts
+    that cut units) log what the whole-batch epoch logs."""
+    from flowjax import sharding
+    from flowjax.train import build
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    out = {}
+    for name, (sample_micro, train_micro) in {"whole": (0, 0), "micro": (2, 5)}.items():
+        c = toy.get_config("tempflow")
+        c.tensorboard, c.sample.micro_batch, c.train.micro_batch = False, sample_micro, train_micro
+        trainer = build(c, tmp_path / name, mesh=mesh)
+        try:
+            if name == "micro":
+                assert trainer.micro_rows == 2 and (trainer.minibatch_rows, trainer.train_calls) == (50, 10)
+            out[name] = trainer.train_step()
+            out[name]["params"] = jax.tree.leaves(jax.device_get(trainer.state.params))
+        finally:
+            trainer.close()
+    a, b = out["whole"], out["micro"]
+    for key in ("reward/mean", "reward/std", "loss", "policy_loss", "grad_norm", "nfe/rollout", "nfe/train"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-7, err_msg=key)
+    for x, y in zip(a["params"], b["params"]):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+
 def test_nfe_counts_and_validation():
     """Model evaluations per epoch: the shared trunk plus K tails per branch step (CFG pairs count 2), then one
     policy (+ reference) forward per trained row. SD3.5-M (config/dgx.py geneval_sd3_pr): 9 + 6 x 45 = 279 CFG
@@ -286,6 +367,8 @@ def test_nfe_counts_and_validation():
     assert method.nfes(32) == {"rollout": 279 * 2 * 32, "train": 1728 * 2 * 2}
     toy_m, c = toy_method("tempflow")  # 6 steps, 3 branch steps, K 4, CFG 2, no KL
     assert toy_m.nfes(8) == {"rollout": (3 + 4 * (5 + 4 + 3)) * 2 * 8, "train": 8 * 4 * 3 * 2}
+    for module in (toy, shapes, geneval, pickscore):  # every tempflow variant validates
+        assert validate(module.get_config("tempflow")).name == "tempflow"
     for section, key, value, message in (("tempflow", "branches", 1, "branches must be >= 2"),
                                          ("tempflow", "timestep_fraction", 1.0, "between 1 and num_steps - 1"),
                                          ("tempflow", "noise_level", 0.0, "noise_level must be > 0"),

@@ -41,6 +41,10 @@ Rows are the reference's: a (seed, branch) unit carries its n trained steps (x_i
 advantage), batch-first in the order (seed, branch, step). Minibatches take whole units (`plan`), as the
 reference's minibatches of (seed, k) samples train all their steps; Flow-GRPO's filter drops units whose
 advantages are 0 on every step. EMA evaluation copy 0.9 every 8 micro-batches (train_sd3_pr.py).
+Scale: `sample.micro_batch` rolls out a few seeds per call (each seed's branch noise is drawn from its row in the
+epoch's batch, and its (seed, step) groups are numbered by that row, so the calls equal one whole-batch call);
+`train.micro_batch` and the trainer's zero-weight padding of a minibatch to the mesh may cut units: `grads`
+takes any rows (padding its chunks with weight 0 and combining them by their weight sums).
 The reference also skips epochs 0 and 1 entirely (`if epoch < 2: continue`); that is not reproduced.
 """
 
@@ -57,7 +61,7 @@ from flowjax import sampling
 from flowjax.rl import advantages as adv_lib
 from flowjax.rl.common import f32
 from flowjax.rl.grpo import FlowGRPO, grpo_loss, zero_advantage_plan
-from flowjax.rl.method import Method, RolloutSpec, accumulate, velocity
+from flowjax.rl.method import Cond, Method, RolloutSpec, accumulate, velocity
 
 
 # ------------------------------------------------------------------------------------ noise-aware weights
@@ -123,14 +127,17 @@ def lane_plan(num_steps: int, branch_steps: int, branches: int) -> dict[str, np.
 
 
 def branched_rollout(velocity_fn: Callable, noise, sigmas, key, *, branch_steps: int, branches: int,
-                     noise_level: float, lanes_per_call: int = 0) -> BranchRollout:
+                     noise_level: float, lanes_per_call: int = 0, rows=None) -> BranchRollout:
     """TempFlow-GRPO's rollout (sd3_pipeline_with_logprob_perstep.py e66824e) with the trunk shared.
 
     velocity_fn(x [B, ...], sigma [B]) -> v is the sampling policy with its CFG (one call per batch of the B
     seeds; the branches are vmapped over it, `lanes_per_call` lanes at a time, 0 = all). noise [B, ...] is
     x_0; sigmas the schedule [T + 1]; key draws eps = normal(key, (n, K, B, ...)), eps[i, k] the noise of
-    branch k at step i. One trunk scan (n evaluations) then one scan over the packed branch tails
-    (`lane_plan`): compiled once whatever n.
+    branch k at step i, or with `rows` ([B] int, each seed's index in the epoch's batch) each seed's own
+    [n, K, ...] block `sampling.step_noise(key, (B, n, K, ...), rows)`, so that a seed's branches do not depend
+    on which other seeds share the call (micro-batched rollouts equal whole ones). Seeds are independent
+    otherwise: the trunk and the tails are per seed. One trunk scan (n evaluations) then one scan over the
+    packed branch tails (`lane_plan`): compiled once whatever n.
     """
     sig = f32(sigmas)
     t = sig.shape[0] - 1
@@ -150,7 +157,10 @@ def branched_rollout(velocity_fn: Callable, noise, sigmas, key, *, branch_steps:
     _, (xs, vs) = jax.lax.scan(trunk_step, x0, jnp.arange(n))  # [n, B, ...]
 
     # One SDE step per (step, branch) from the trunk state with the trunk's velocity, as flat rows.
-    eps = jax.random.normal(key, (n, k, batch, *shape), jnp.float32)
+    if rows is None:
+        eps = jax.random.normal(key, (n, k, batch, *shape), jnp.float32)
+    else:
+        eps = jnp.moveaxis(sampling.step_noise(key, (batch, n, k, *shape), rows), 0, 2)
     flat = lambda a: jnp.broadcast_to(a[:, None], (n, k, *a.shape[1:])).reshape(n * k * batch, *a.shape[2:])
     row_sig = jnp.repeat(sig[:n], k * batch)
     row_next = jnp.repeat(sig[1:n + 1], k * batch)
@@ -264,17 +274,23 @@ class TempFlowGRPO(Method):
     def rows(self, batch: int) -> int:
         return batch * int(self.cfg.branches) * self.branch_steps
 
-    def rollout(self, velocity_fn, noise, sigmas, key, window):
+    def rollout(self, velocity_fn, noise, sigmas, key, window, rows=None):
+        """The branched rollout of the call's B seeds -> B K n rows in the order (seed, branch, step).
+        keep["source"] is each row's seed in this call; keep["group"] its (seed, step) group, numbered by the
+        seed's row in the epoch's batch (`rows`, the trainer's; arange(B) without), so the groups of
+        `sample.micro_batch` calls, concatenated, are those of one whole-batch call."""
         c = self.cfg
         out = branched_rollout(velocity_fn, noise, sigmas, key, branch_steps=self.branch_steps,
                                branches=int(c.branches), noise_level=float(c.noise_level),
-                               lanes_per_call=int(c.lanes_per_call))
+                               lanes_per_call=int(c.lanes_per_call), rows=rows)
         n, k, b = out.log_probs.shape
         step = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None, None], (n, k, b))
-        seed = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[None, None, :], (n, k, b))
+        local = jnp.arange(b, dtype=jnp.int32)
+        seed = jnp.broadcast_to(local[None, None, :], (n, k, b))
+        row = jnp.broadcast_to((local if rows is None else jnp.asarray(rows, jnp.int32))[None, None, :], (n, k, b))
         keep = {"latents": to_rows(out.latents, k), "next_latents": to_rows(out.next_latents),
                 "log_probs": to_rows(out.log_probs), "step": to_rows(step),
-                "group": to_rows(seed * n + step), "source": to_rows(seed)}
+                "group": to_rows(row * n + step), "source": to_rows(seed)}
         return keep, to_rows(out.samples)
 
     # ---------------------------------------------------------------- advantages and minibatches
@@ -313,21 +329,34 @@ class TempFlowGRPO(Method):
         return self.rows(batch) * (2 if c.guidance != 1.0 else 1) * (2 if c.beta > 0 else 1)
 
     def grads(self, ctx, params, state, mb, window, key):
-        """The minibatch's units scanned step by step (chunk j = the j-th row of every unit: m rows per
-        forward, as the reference's micro-step j), each chunk's loss a weighted mean over its rows."""
+        """The minibatch's rows scanned in n chunks (chunk j = rows j, j + n, j + 2n, ...: for a minibatch of
+        whole units in step order, `plan`'s, the j-th row of every unit, m rows per forward, as the reference's
+        micro-step j), each chunk's loss a weighted mean over its rows and the chunks combined by their weight
+        sums, so the gradient is the weighted mean over all rows whatever the row order. Rows that do not fill
+        the last chunk row (the trainer's zero-weight padding to the mesh, or a `train.micro_batch` part) are
+        padded here with weight 0."""
         c = self.cfg
         level, beta, guidance, n = float(c.noise_level), float(c.beta), float(c.guidance), self.branch_steps
         sig_all = ctx.sigmas
         w_noise = noise_weights(sig_all, level, jnp.arange(n))
+        rows = {k: mb[k] for k in ("latents", "next_latents", "log_probs", "step", "advantages", "weights")}
+        cd = mb["cond"]  # the negative prompt's embeddings are stored once (the trainer's) or per row
+        per_row = cd.neg_ctx.ndim == cd.ctx.ndim
+        rows["cond"] = cd if per_row else (cd.ctx, cd.pooled)
+        r = rows["weights"].shape[0]
+        pad = -r % n
+        if pad:  # repeat the first rows with weight 0
+            rows = jax.tree.map(lambda a: jnp.concatenate([a, a[jnp.arange(pad) % r]]), rows)
+            rows["weights"] = rows["weights"].at[r:].set(0.0)
         chunks = lambda a: jnp.swapaxes(a.reshape(-1, n, *a.shape[1:]), 0, 1)  # [m * n, ...] -> [n, m, ...]
-        inputs = jax.tree.map(chunks, {k: mb[k] for k in ("latents", "next_latents", "log_probs", "step",
-                                                           "advantages", "weights", "cond")})
+        inputs = jax.tree.map(chunks, rows)
 
         def loss_fn(p, inp):
             x, x_next, idx = inp["latents"], inp["next_latents"], inp["step"]
+            cond = inp["cond"] if per_row else Cond(*inp["cond"], cd.neg_ctx, cd.neg_pooled)
             sig, sig_next = sig_all[idx], sig_all[idx + 1]
             step = lambda q: sampling.transition_log_prob(
-                "sde", x, x_next, velocity(ctx.apply, q, x, sig, inp["cond"], guidance), sig, sig_next, level,
+                "sde", x, x_next, velocity(ctx.apply, q, x, sig, cond, guidance), sig, sig_next, level,
                 sig_max=sig_all[1])
             lp = step(p)
             ref_mean = jax.lax.stop_gradient(step(ctx.ref_params).mean) if beta > 0 else None
@@ -338,4 +367,4 @@ class TempFlowGRPO(Method):
                              std_t=lp.std if beta > 0 else None, adv_clip=None, kl_mode="std",
                              weights=inp["weights"])
 
-        return accumulate(loss_fn, params, inputs)
+        return accumulate(loss_fn, params, inputs, inputs["weights"].sum(axis=1))
