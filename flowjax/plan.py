@@ -283,7 +283,8 @@ def _divisors(n: int) -> list[int]:
 SAMPLE_PROGRAMS, TRAIN_PROGRAMS = ("rollout", "reward", "evaluate"), ("update",)
 
 
-def plan(config, topology: Topology, *, preset: str = "sd35-medium", devices=None, log=print) -> dict:
+def plan(config, topology: Topology, *, name: str | None = None, preset: str = "sd35-medium", devices=None,
+         log=print) -> dict:
     """Compiles the config's programs for `topology`; when they do not fit, searches the largest micro-batches
     that do (a line through the measured memory of two sizes, each guess compiled to check it). Returns the
     report (also printed through `log`)."""
@@ -384,7 +385,7 @@ def plan(config, topology: Topology, *, preset: str = "sd35-medium", devices=Non
     peak = max(m["peak"] for m in programs.values())
     peak_flops = topology.chip.bf16_flops * per_dev
     epoch_flops = sum(m["flops"] * m["calls"] for m in programs.values()) * n_dev
-    report = dict(config=getattr(config, "_plan_name", ""), topology=topology.name, chips=topology.chips,
+    report = dict(config=name or f"{config.method}:{config.get('variant', config.method)}", topology=topology.name, chips=topology.chips,
                   devices=n_dev, hbm_per_chip=topology.chip.hbm, resident=resident, programs=programs,
                   epoch_buffers=programs["update"]["epoch_buffers"], sample_micro=searched_sample,
                   train_micro=searched_train, peak=peak, epoch_flops=epoch_flops,
@@ -441,13 +442,12 @@ def main(argv=None) -> int:
     def run(_):
         f = flags.FLAGS
         config = f.config
-        config._plan_name = f"{f['config'].config_filename}"  # noqa: SLF001
         topology = parse_topology(f.topology)
         box = {}
 
         def work():  # the TPU compiler's convolution emitter needs a deep stack
             try:
-                box["report"] = plan(config, topology, preset=f.preset)
+                box["report"] = plan(config, topology, name=f["config"].config_filename, preset=f.preset)
             except BaseException as e:  # noqa: BLE001
                 box["error"] = e
 
