@@ -9,6 +9,9 @@ manifest's `lora` entry lists each adapted module's rank, scale, dtype and merge
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -25,6 +28,8 @@ from flowjax.models.mmdit import MMDiT, MMDiTConfig
 
 MANIFEST = "flowjax_model.json"
 FAMILIES = {"sd3_transformer": (MMDiT, MMDiTConfig), "flux_transformer": (Flux, FluxConfig)}
+
+log = logging.getLogger(__name__)
 
 
 def _family_of(model) -> str:
@@ -177,3 +182,36 @@ def load_trained(workdir, *, ema: bool = False, step: int | None = None, dtype=j
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     return model
+
+
+def restore_newest(manager: ocp.CheckpointManager, state, workdir, is_main: bool = True):
+    """(state, step) of the newest readable checkpoint of a training run's manager, or (state, None) when there
+    is none; `state` gives the structure, shapes and shardings.
+
+    A checkpoint that cannot be read (a save cut short, a damaged file) is logged with the reason, moved aside
+    to WORKDIR/damaged_checkpoints/ (never deleted; reasons in its log.txt) and the next newest is tried; the
+    run then continues exactly as an uninterrupted one would (an epoch's data is a function of (seed, epoch)).
+    When checkpoints exist and none is readable, it stops with a message naming the folder.
+    """
+    workdir = Path(workdir)
+    steps = sorted(manager.all_steps(), reverse=True)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    for step in steps:
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+        except Exception as e:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            aside = workdir / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+            log.warning("checkpoint %d in %s cannot be read (%s); moved to %s", step, workdir / "checkpoints",
+                        reason, aside)
+            if is_main:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(workdir / "checkpoints" / str(step)), aside)
+                with (workdir / "damaged_checkpoints" / "log.txt").open("a") as f:
+                    f.write(f"step {step}: {reason}\n")
+            manager.reload()
+    if steps:
+        raise RuntimeError(f"no checkpoint in {workdir / 'checkpoints'} can be read (steps {steps} were moved to "
+                           f"{workdir / 'damaged_checkpoints'}, see its log.txt); move them back or start a fresh "
+                           "workdir")
+    return state, None

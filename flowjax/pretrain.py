@@ -32,7 +32,7 @@ from flowjax.models.clip import CLIPTextConfig, CLIPTextModel
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 from flowjax.models.prediction import check_prediction, to_velocity
 from flowjax.rewards import shapes as shapes_reward
-from flowjax.rl.trainer import MetricsWriter
+from flowjax.metrics import MetricsWriter
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/shapes_pretrain.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")

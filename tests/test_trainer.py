@@ -73,6 +73,32 @@ def test_sharded_run_matches_single_device(tmp_path):
                 np.testing.assert_allclose(b[key], a[key], rtol=2e-3, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.parametrize("world, variant", [("toy", "grpo"), ("toy", "nft"), ("shapes", "awm")])
+def test_micro_batches_give_the_same_metrics(tmp_path, world, variant):
+    """Rollout, reward and evaluation in sample.micro_batch calls and gradients in train.micro_batch calls:
+    the same noise and keys per row, so the same metrics as one call each (up to float32 summation order)."""
+    from configs import shapes
+
+    runs = {}
+    for name, micro in (("whole", (0, 0)), ("micro", (2, 1))):  # 2 rollout calls, 2 gradient calls per minibatch
+        c = (toy if world == "toy" else shapes).get_config(variant)
+        c.train.update(steps=2, prompts_per_batch=8, minibatches=2)  # 32 rows: 4 per device, 16 per minibatch
+        c.eval_every = 2
+        if world == "shapes":
+            c.train.update(steps=1, prompts_per_batch=4, group_size=8)
+            c.eval_every, c.sample.num_eval_prompts = 1, 8
+        c.sample.micro_batch, c.train.micro_batch = micro
+        trainer = build(c, tmp_path / name)  # 8 devices
+        trainer.train()
+        trainer.close()
+        runs[name] = read_metrics(tmp_path / name)
+    for a, b in zip(runs["whole"], runs["micro"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith("time/"):
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
 def test_resume_continues_exactly(tmp_path):
     def run(workdir, steps_now):
         c = config("nft", steps=4)

@@ -18,9 +18,6 @@ finite minibatch makes no optimizer step.
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from flowjax import checkpoint, plots, sampling
+from flowjax.metrics import MetricsWriter
 from flowjax import sharding as sharding_lib
 from flowjax.data.sampler import KRepeatSampler
 from flowjax.models import lora
@@ -43,9 +41,6 @@ from flowjax.rl import advantages as adv_lib
 from flowjax.rl.ema import eval_ema_step
 from flowjax.rl.method import Cond, Context, build_method, velocity
 from flowjax.worlds import check_world
-
-log = logging.getLogger(__name__)
-
 
 @struct.dataclass
 class TrainState:
@@ -129,38 +124,6 @@ def world_scores(world, samples, prompt_ids, world_state=None) -> dict:
     """Per-sample scores of a world: {"reward": [B], ...} (strict accuracy, reward components), with its
     weights (VAE, reward models) passed in as `world_state` so they are jit arguments, not constants."""
     return dict(world.score(samples, prompt_ids, state=world_state))
-
-
-class MetricsWriter:
-    """metrics.jsonl, one JSON object per logged step; on resume, lines past the restored step go
-    (a fresh start, `restored_step` None, starts a fresh file)."""
-
-    def __init__(self, path: Path, restored_step: int | None, enabled: bool, tensorboard: bool = True):
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            last = -1 if restored_step is None else restored_step
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        self.tb = None
-        if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=(restored_step or 0) + 1)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if self.enabled:
-            row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        self.tb.add_scalar(k, v, int(step))
-                self.tb.flush()
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
 
 
 class Trainer:
@@ -267,7 +230,8 @@ class Trainer:
             self.workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True),
         )
-        self.metrics = MetricsWriter(self.workdir / "metrics.jsonl", self._restore(), self.is_main,
+        self.state, restored = checkpoint.restore_newest(self.checkpoints, self.state, self.workdir, self.is_main)
+        self.metrics = MetricsWriter(self.workdir / "metrics.jsonl", restored, self.is_main,
                                      tensorboard=config.get("tensorboard", True))
 
     # ------------------------------------------------------------------ abstract mode (flowjax.plan)
@@ -642,37 +606,6 @@ class Trainer:
         self.checkpoints.wait_until_finished()
         if self.is_main and self.metrics.path.exists():
             plots.plot_metrics(self.metrics.path, self.workdir / "curves.png", title=f"{c.method} ({c.get('variant', '')})")
-
-    def _restore(self) -> int | None:
-        """Loads the newest readable checkpoint, if any; returns its step.
-
-        A checkpoint that cannot be read (a save cut short, a damaged file) is logged with the reason, moved
-        aside to WORKDIR/damaged_checkpoints/ (never deleted), and the next newest is tried; the run then
-        continues exactly as an uninterrupted one would (an epoch's data is a function of (seed, epoch)).
-        When checkpoints exist and none is readable, the run stops with a message naming the folder.
-        """
-        steps = sorted(self.checkpoints.all_steps(), reverse=True)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        for step in steps:
-            try:
-                self.state = self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
-                return step
-            except Exception as e:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
-                aside = self.workdir / "damaged_checkpoints" / f"{step}-{int(time.time())}"
-                log.warning("checkpoint %d in %s cannot be read (%s); moved to %s", step,
-                            self.workdir / "checkpoints", reason, aside)
-                if self.is_main:
-                    aside.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(self.workdir / "checkpoints" / str(step)), aside)
-                    with (self.workdir / "damaged_checkpoints" / "log.txt").open("a") as f:
-                        f.write(f"step {step}: {reason}\n")
-                self.checkpoints.reload()
-        if steps:
-            raise RuntimeError(f"no checkpoint in {self.workdir / 'checkpoints'} can be read (steps {steps} were moved "
-                               f"to {self.workdir / 'damaged_checkpoints'}, see its log.txt); move them back or start "
-                               "a fresh workdir")
-        return None
 
     def close(self):
         self.checkpoints.wait_until_finished()
