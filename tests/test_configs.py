@@ -100,7 +100,7 @@ def test_every_recipe_starts_on_meshes_of_8_to_64_devices(devices):
     device) where they do not (NFT's 72, AWM's 96, Flow-GRPO's 288 on 64 devices, TempFlow-GRPO's 432). TempFlow-GRPO's
     published epoch is 32 seeds (8 GPUs x 4 sampling batches of one seed): on 64 devices it takes 16 prompts."""
     from flowjax.rl.method import build_method
-    from flowjax.rl.trainer import minibatch_layout
+    from flowjax.rl.batching import minibatch_layout
 
     for module in CONFIGS.values():
         for variant in module.VARIANTS:

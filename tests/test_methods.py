@@ -17,7 +17,8 @@ from flowjax.rl import ema as ema_lib
 from flowjax.rl import grpo as grpo_lib
 from flowjax.rl.awm import AWM, awm_timestep_indices
 from flowjax.rl.method import Cond, Context, build_method, method_names, register
-from flowjax.rl.trainer import accumulate_window, validate
+from flowjax.rl.batching import accumulate_window
+from flowjax.rl.trainer import validate
 
 B, H, W, C, L, D = 6, 4, 4, 3, 2, 3
 

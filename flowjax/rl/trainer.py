@@ -38,6 +38,7 @@ from flowjax.data.sampler import KRepeatSampler
 from flowjax.models import lora
 from flowjax.models.prediction import check_prediction, to_velocity
 from flowjax.rl import advantages as adv_lib
+from flowjax.rl.batching import accumulate_window, micro_batched, minibatch_layout
 from flowjax.rl.ema import eval_ema_step
 from flowjax.rl.method import Cond, Context, build_method, velocity
 from flowjax.worlds import check_world
@@ -89,35 +90,6 @@ def validate(config):
                          "(an accumulation window never crosses an epoch)")
     method.validate()
     return method
-
-
-def minibatch_layout(rows: int, minibatches: int, devices: int, micro: int = 0) -> tuple[int, int, int]:
-    """(rows per minibatch, padded rows per minibatch, gradient calls per minibatch). A minibatch is padded with
-    rows of weight 0 to a multiple of the data-parallel devices (of devices x `micro` rows with
-    `train.micro_batch`), so the published minibatch sizes run on any mesh with the weighted means of their
-    real rows; the padding is under one row per device (per call)."""
-    size = rows // minibatches
-    unit = devices * micro if micro and micro * devices < size else devices
-    padded = -(-size // unit) * unit
-    return size, padded, padded // unit if unit > devices else 1
-
-
-def accumulate_window(acc, grads, finite, every: int):
-    """One minibatch into a gradient-accumulation window of `every` minibatches.
-
-    acc = (sum of finite gradients, number of finite minibatches, minibatches seen) of the open window.
-    Returns (new acc, do_step, mean): at the window's last minibatch `do_step` is True when at least one
-    minibatch was finite, `mean` the mean of the finite ones (a non-finite minibatch is left out, not
-    averaged in as 0), and the window closes (acc back to zeros) whether or not it steps. So windows are
-    always `every` minibatches long and, with minibatches % every == 0, never cross an epoch.
-    """
-    g_sum, count, seen = acc
-    g_sum = jax.tree.map(lambda a, g: a + jnp.where(finite, g, 0.0).astype(a.dtype), g_sum, grads)
-    count, seen = count + jnp.asarray(finite, jnp.int32), seen + 1
-    boundary = seen == every
-    mean = jax.tree.map(lambda g: g / jnp.maximum(count, 1).astype(g.dtype), g_sum)
-    reset = lambda x: jnp.where(boundary, jnp.zeros_like(x), x)
-    return (jax.tree.map(reset, g_sum), reset(count), reset(seen)), boundary & (count > 0), mean
 
 
 def world_scores(world, samples, prompt_ids, world_state=None) -> dict:
@@ -341,41 +313,8 @@ class Trainer:
         def ema_step(ema, params, opt_step, due=True):
             return jax.lax.cond(due, lambda: eval_ema_step(ema, params, ema_spec, opt_step), lambda: ema)
 
-        dp, n_micro = self._dp(), self.train_calls
-        spread = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
-
-        def minibatch_grads(ctx, params, method_state, mb, window, key):
-            """The method's gradient of a minibatch, in `train.micro_batch` calls when set: each call takes
-            its rows from every device alike, and the calls' weighted means combine into the minibatch's."""
-            if n_micro == 1:
-                return method.grads(ctx, params, method_state, mb, window, key)
-            cond = mb["cond"]
-            split = lambda x: jax.lax.with_sharding_constraint(
-                x.reshape(dp, n_micro, -1, *x.shape[1:]).swapaxes(0, 1).reshape(n_micro, -1, *x.shape[1:]), spread)
-            parts = jax.tree.map(split, ({k: v for k, v in mb.items() if k != "cond"}, (cond.ctx, cond.pooled)))
-
-            def one(part):
-                rows, (ctx_, pooled) = part
-                return method.grads(ctx, params, method_state,
-                                    {**rows, "cond": Cond(ctx_, pooled, cond.neg_ctx, cond.neg_pooled)}, window, key)
-
-            def body(carry, part):
-                grads, metrics = one(part)
-                skip = metrics.pop("skip", jnp.zeros((), bool))
-                w = part[0]["weights"].sum()
-                g_acc, m_acc, w_acc, s_acc = carry
-                add = lambda a, b: a + w * b.astype(a.dtype)
-                return (jax.tree.map(add, g_acc, grads), jax.tree.map(add, m_acc, metrics), w_acc + w,
-                        s_acc & skip), None
-
-            shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], parts))[1]
-            shapes.pop("skip", None)
-            zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-            init = (jax.tree.map(jnp.zeros_like, params), zeros(shapes), jnp.zeros(()), jnp.ones((), bool))
-            (grads, metrics, w, skip), _ = jax.lax.scan(body, init, parts)
-            w = jnp.maximum(w, 1e-12)
-            return jax.tree.map(lambda g: g / w.astype(g.dtype), grads), {
-                **jax.tree.map(lambda m: m / w, metrics), "skip": skip}
+        minibatch_grads = micro_batched(method.grads, self._dp(), self.train_calls,
+                                        NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp"))))
 
         @jax.jit
         def update(state: TrainState, acc, frozen, ref_params, mb, window, key):
