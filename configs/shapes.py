@@ -5,7 +5,8 @@ objects, scored by the verifiable reward of flowjax.rewards.shapes. Runs on a la
   python -m flowjax.train --config=configs/shapes.py:grpo --workdir=runs/shapes_grpo    # Flow-GRPO
 Variants: grpo (Flow-GRPO, SDE sampler), cps (coefficients-preserving sampler), mixgrpo (SDE window),
 dance (DanceGRPO: its schedule and kernel, a random 60% of the steps per sample), awm (advantage weighted
-matching), nft (DiffusionNFT). Evaluation is strict accuracy on the held-out
+matching), nft (DiffusionNFT), euphonium (DanceGRPO rollouts guided by the gradient of the latent PRM shipped in
+flowjax/assets/shapes_prm, dual-reward GRPO). Evaluation is strict accuracy on the held-out
 prompts with ODE sampling from fixed noise (`eval/accuracy` in metrics.jsonl), before the first update
 and every `eval_every` steps; grids of the held-out samples go to samples/.
 """
@@ -13,9 +14,10 @@ and every `eval_every` steps; grids of the held-out samples go to samples/.
 import ml_collections
 
 from flowjax import sharding
+from flowjax.models.prm import SHAPES_PRM
 from flowjax.rl.method import method_class
 
-VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft")
+VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft", "euphonium")
 
 
 def get_config(arg: str = "nft"):
@@ -77,6 +79,12 @@ def get_config(arg: str = "nft"):
         if arg == "dance":  # DanceGRPO: its schedule, a random 60% of the steps per sample, unbiased group std
             m.update(schedule="dance", random_steps=True, beta=0.0, integer_timesteps=True)
             c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
+    elif c.method == "euphonium":
+        # DanceGRPO's shapes settings (the dance variant above) plus guidance by the shipped latent PRM on the
+        # last half of the steps and the process advantages of its scores.
+        m.update(guidance=1.0, clip_range=0.2, noise_level=0.3, timestep_fraction=0.6)
+        m.guide.update(source="prm", path=str(SHAPES_PRM), start=4, kl_beta=0.05)
+        c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
     elif c.method == "awm":
         # |A| clipped to 1 then scaled by 5 (adv_scale 1, advantage_max 5): the shapes recipe, not the published one.
         m.update(num_train_timesteps=4, beta=0.3, adv_scale=1.0, adv_clip=5.0)
