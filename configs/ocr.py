@@ -10,8 +10,8 @@
 
 Keys you will set: `world.model` (a diffusers SD3 / SD3.5 pipeline folder, required), `world.prompts` (a
 folder with train.txt / test.txt, one prompt per line with the text to render in double quotes, e.g.
-Flow-GRPO's dataset/ocr; required). Evaluation (ODE, `sample.eval_num_steps` steps, fixed noise, the first
-`sample.num_eval_prompts` test prompts) logs `eval/reward_mean` and `eval/accuracy` to WORKDIR/metrics.jsonl.
+Flow-GRPO's dataset/ocr; required). Evaluation (ODE, `sample.eval_num_steps` steps, fixed noise, the whole test split in
+`sample.micro_batch` calls; `sample.num_eval_prompts` caps it) logs `eval/reward_mean` and `eval/accuracy` to WORKDIR/metrics.jsonl.
 
 The reward (`flowjax.rewards.load("ocr")`, flowjax/rewards/ocr.py) is Flow-GRPO's (flow_grpo/ocr.py):
 1 - min(d, len(text)) / len(text), d the edit distance between the text read from the image and the text
@@ -54,7 +54,6 @@ What still differs from the references, and why:
   models that are not on PyPI; flowjax.rewards.ocr says more);
 - the zero-advantage filter and AWM's timestep draws work on the global batch / minibatch (the references do
   both per process; the same with one process);
-- evaluation runs the first `sample.num_eval_prompts` test prompts (the references: the whole test split);
 """
 
 import ml_collections

@@ -81,6 +81,8 @@ def parse_topology(name: str) -> Topology:
 
 def tpu_devices(topology: Topology):
     """Abstract devices of the topology (libtpu compiles for them; nothing runs)."""
+    # The compiler is loaded into more than one process at a time (tests, parallel plans); no TPU is opened.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -320,7 +322,7 @@ def plan(config, topology: Topology, *, preset: str = "sd35-medium", devices=Non
         cond_row = (math.prod(ctx_shape) + math.prod(pooled_shape)) * np.dtype(tr.compute_dtype).itemsize
         # The epoch's buffers (what the rollouts keep for training, the conditioning) live through the updates.
         epoch = (keep_bytes / rows * tr.method.rows(batch) + cond_row * batch) / dp
-        update_rows = -(-(tr.method.rows(batch) // t.minibatches) // tr.train_unit) * tr.train_unit
+        update_rows = tr.minibatch_rows
         calls = {"rollout": batch // rows, "reward": batch // rows, "update": t.minibatches,
                  "evaluate": -(-len(tr.eval_prompt_ids()[0]) // rows) / max(1, config.eval_every)}
         out = {}

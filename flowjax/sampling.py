@@ -149,6 +149,39 @@ def dance_sigmas(num_steps: int, shift: float = 3.0) -> jnp.ndarray:
     return jnp.asarray(time_shift(lin, np.float32(shift)).astype(np.float32))
 
 
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX.1's resolution-dependent shift mu: linear in the number of packed image tokens, base_shift at
+    base_seq_len and max_shift at max_seq_len (diffusers 0.42 `pipelines/flux/pipeline_flux.py`,
+    `calculate_shift`; the defaults are its, the pipeline reads them from the scheduler config)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flux_sigmas(num_steps: int, *, mu: float | None = None, shift: float = 1.0,
+                time_shift_type: str = "exponential") -> jnp.ndarray:
+    """FluxPipeline's sigma schedule `[num_steps + 1]` (float32), ending in 0.
+
+    Equal to diffusers' `FlowMatchEulerDiscreteScheduler(...).set_timesteps(sigmas=np.linspace(1, 1/N, N), mu=mu)`
+    `.sigmas` (diffusers 0.42 `schedulers/scheduling_flow_match_euler_discrete.py`): the linspace in float32,
+    then with `mu` (the scheduler's `use_dynamic_shifting`, FLUX.1-dev) the resolution shift
+    e^mu / (e^mu + 1/s - 1) ("exponential", its default) or mu / (mu + 1/s - 1) ("linear"), else the fixed
+    `time_shift(s, shift)` (FLUX.1-schnell: shift 1, the plain linspace). Computed in float32 as numpy does there.
+    """
+    num_steps = _check_schedule_args(num_steps, shift)
+    s = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    if mu is None:
+        out = time_shift(s, float(shift))  # a Python float with a float32 array: float32 arithmetic, as there
+    else:
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+        if not math.isfinite(mu) or (time_shift_type == "linear" and mu <= 0):
+            raise ValueError(f"mu must be finite (and positive for the linear shift), got {mu!r}")
+        a = np.float32(math.exp(mu) if time_shift_type == "exponential" else mu)
+        out = a / (a + (np.float32(1.0) / s - np.float32(1.0)))
+    return jnp.asarray(np.append(out.astype(np.float32), np.float32(0.0)))
+
+
 # --------------------------------------------------------------------------- kernels
 
 

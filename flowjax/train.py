@@ -36,16 +36,17 @@ def _define_flags():
 
 def build(config, workdir, mesh=None) -> Trainer:
     """Model and world of a config: `world.name` "shapes" (the shipped base model and its world), "sd3"
-    (a diffusers SD3 / SD3.5 folder, prompt files and a reward: configs/geneval.py, ocr.py, pickscore.py) or
-    "toy" (a randomly initialised MMDiT steering colours)."""
+    (a diffusers SD3 / SD3.5 folder, prompt files and a reward: configs/geneval.py, ocr.py, pickscore.py), "flux"
+    (a diffusers FLUX.1 folder: configs/flux_pickscore.py, flux_geneval.py) or "toy" (a randomly initialised
+    MMDiT steering colours)."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     name = config.world.get("name", "toy")
     if name == "shapes":
         return _build_shapes(config, workdir, mesh, dtype)
-    if name == "sd3":
-        return _build_sd3(config, workdir, mesh, dtype)
+    if name in ("sd3", "flux"):
+        return _build_pipeline_world(config, workdir, mesh, dtype, name)
     if name != "toy":
-        raise ValueError(f"world.name must be 'shapes', 'sd3' or 'toy', got {name!r}")
+        raise ValueError(f"world.name must be 'shapes', 'sd3', 'flux' or 'toy', got {name!r}")
     arch = MMDiTConfig(**config.arch)
     m = config.get("model") or {}
     model = MMDiT(arch, rngs=nnx.Rngs(config.seed), dtype=dtype, attention_impl=m.get("attention", "xla"),
@@ -151,21 +152,26 @@ def load_reward(reward_config, mesh=None):
     return rewards.load(name, path, **options)
 
 
-def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
-    """An SD3 / SD3.5 pipeline folder, its prompt set and reward (configs/geneval.py, ocr.py, pickscore.py)."""
+_PIPELINES = {"sd3": ("SD3 / SD3.5", "stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-medium"),
+              "flux": ("FLUX.1", "FLUX.1-dev", "black-forest-labs/FLUX.1-dev")}
+
+
+def _build_pipeline_world(config, workdir, mesh, dtype, name: str) -> Trainer:
+    """A diffusers SD3 / SD3.5 or FLUX.1 pipeline folder, its prompt set and reward (configs/geneval.py, ocr.py,
+    pickscore.py, flux_pickscore.py, flux_geneval.py)."""
     from flowjax import sharding as sharding_lib
     from flowjax.data.prompts import load_prompts
+    from flowjax.pipeline import FluxPipeline, SD3Pipeline
     from flowjax.worlds.sd3 import SD3World
-    from flowjax.pipeline import SD3Pipeline
 
     w = config.world
+    what, folder, repo = _PIPELINES[name]
     if not w.get("model"):
-        raise ValueError("config.world.model is not set: pass "
-                         "--config.world.model=/path/to/stable-diffusion-3.5-medium "
-                         "(a diffusers SD3 / SD3.5 pipeline folder, with model_index.json)")
+        raise ValueError(f"config.world.model is not set: pass --config.world.model=/path/to/{folder} "
+                         f"(a diffusers {what} pipeline folder, with model_index.json)")
     if not Path(w.model).is_dir():
-        raise FileNotFoundError(f"config.world.model={w.model!r} is not a folder; give a local diffusers SD3 / SD3.5 "
-                                "pipeline folder (e.g. a download of stabilityai/stable-diffusion-3.5-medium)")
+        raise FileNotFoundError(f"config.world.model={w.model!r} is not a folder; give a local diffusers {what} "
+                                f"pipeline folder (e.g. a download of {repo})")
     param_dtype = config.get("param_dtype", "float32")
     if param_dtype not in _DTYPES:
         raise ValueError(f"config.param_dtype must be one of {sorted(_DTYPES)}, got {param_dtype!r}")
@@ -178,9 +184,12 @@ def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
                                      generate_test=w.get("generate_test", 500), generate_seed=w.get("generate_seed", 0))
     reward = load_reward(config.reward, mesh)
     m = config.get("model") or {}
-    pipe = SD3Pipeline.from_pretrained(w.model, dtype=dtype, param_dtype=_DTYPES[param_dtype], mesh=mesh, rules=rules,
-                                       text_encoder_3=w.get("text_encoder_3", True),
-                                       attention_impl=m.get("attention", "xla"), remat=m.get("remat", "none"))
+    kw = dict(dtype=dtype, param_dtype=_DTYPES[param_dtype], mesh=mesh, rules=rules,
+              attention_impl=m.get("attention", "xla"), remat=m.get("remat", "none"))
+    if name == "flux":
+        pipe = FluxPipeline.from_pretrained(w.model, **kw)
+    else:
+        pipe = SD3Pipeline.from_pretrained(w.model, text_encoder_3=w.get("text_encoder_3", True), **kw)
     resolution = int(w.get("resolution", 512))
     latent = pipe.check_size(resolution, resolution)
     if tuple(config.sample.latent_size) != latent:
@@ -195,7 +204,8 @@ def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
                      resolution=resolution, max_sequence_length=w.get("max_sequence_length", 128),
                      precompute_limit=w.get("precompute_limit", 256),
                      encode_batch_size=w.get("encode_batch_size", 32),
-                     metrics=tuple(config.reward.get("metrics", ())), sharding=batch_sharding)
+                     metrics=tuple(config.reward.get("metrics", ())), sharding=batch_sharding,
+                     guidance=w.get("guidance", 3.5))
     return Trainer(config, workdir, model=pipe.transformer, world=world, mesh=mesh,
                    base=Path(w.model) / "transformer")
 

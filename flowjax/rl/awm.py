@@ -304,6 +304,9 @@ class AWM(Method):
         """The SA-Solver runs on its own grid (sampling.sa_solver_sigmas); training t are drawn from the
         standard schedule (`pipeline.scheduler.timesteps / 1000` in train_sd3_awm.py, be51372)."""
         if self.cfg.solver == "sa_solver":
+            if callable(shift):  # a world's own schedule (FLUX): the same two edits of the grid
+                t = jnp.asarray(shift(num_steps), jnp.float32)
+                return t.at[-2].set(t[-3] / 2.0).at[0].set(1.0 - 1e-3)
             return sampling.sa_solver_sigmas(num_steps, shift)
         return super().rollout_sigmas(num_steps, shift)
 

@@ -294,6 +294,9 @@ class FlowGRPO(Method):
 
     def schedule(self, num_steps, shift):
         if self.cfg.schedule == "dance":
+            if callable(shift):
+                raise ValueError("config.grpo.schedule='dance' is DanceGRPO's own shifted linspace: give "
+                                 "sample.shift as a number (DanceGRPO uses 3 on FLUX), not 'dynamic'")
             return sampling.dance_sigmas(num_steps, shift)
         return super().schedule(num_steps, shift)
 

@@ -145,9 +145,10 @@ class Method:
     def rollout_spec(self) -> RolloutSpec:
         raise NotImplementedError
 
-    def schedule(self, num_steps: int, shift: float) -> jax.Array:
-        """The sigma schedule [num_steps + 1] that training timesteps are taken from."""
-        return sampling.sigmas(num_steps, shift)
+    def schedule(self, num_steps: int, shift) -> jax.Array:
+        """The sigma schedule [num_steps + 1] that training timesteps are taken from: SD3's shifted one, or
+        `shift(num_steps)` when the world gives its own (FLUX's resolution-dependent shift)."""
+        return shift(num_steps) if callable(shift) else sampling.sigmas(num_steps, shift)
 
     def rollout_sigmas(self, num_steps: int, shift: float) -> jax.Array:
         """The grid the rollouts run on; the training schedule unless the solver has its own."""

@@ -96,6 +96,17 @@ def validate(config):
     return method
 
 
+def minibatch_layout(rows: int, minibatches: int, devices: int, micro: int = 0) -> tuple[int, int, int]:
+    """(rows per minibatch, padded rows per minibatch, gradient calls per minibatch). A minibatch is padded with
+    rows of weight 0 to a multiple of the data-parallel devices (of devices x `micro` rows with
+    `train.micro_batch`), so the published minibatch sizes run on any mesh with the weighted means of their
+    real rows; the padding is under one row per device (per call)."""
+    size = rows // minibatches
+    unit = devices * micro if micro and micro * devices < size else devices
+    padded = -(-size // unit) * unit
+    return size, padded, padded // unit if unit > devices else 1
+
+
 def accumulate_window(acc, grads, finite, every: int):
     """One minibatch into a gradient-accumulation window of `every` minibatches.
 
@@ -187,14 +198,15 @@ class Trainer:
         # A minibatch is padded with rows of weight 0 to a multiple of the devices (x train.micro_batch): the
         # published minibatch sizes run on any mesh, and its weighted means are those of the real rows.
         train_micro = int(t.get("micro_batch", 0) or 0)
-        size = self.method.rows(self.batch_size) // t.minibatches
         if train_micro < 0:
             raise ValueError(f"train.micro_batch must be >= 0 (rows per device per gradient call), got {train_micro}")
-        self.train_unit = dp * train_micro if train_micro and train_micro * dp < size else dp
-        self.train_calls = -(-size // self.train_unit) if self.train_unit > dp else 1
-        self.sigmas = self.method.schedule(s.num_steps, s.shift)
-        self.rollout_sigmas = self.method.rollout_sigmas(s.num_steps, s.shift)
-        self.eval_sigmas = sampling.sigmas(s.eval_num_steps, s.shift)
+        _, self.minibatch_rows, self.train_calls = minibatch_layout(self.method.rows(self.batch_size), t.minibatches,
+                                                                     dp, train_micro)
+        # sample.shift: SD3's shift, or "dynamic" for the world's own schedule (FLUX's resolution shift)
+        shift = world.sigmas if s.shift == "dynamic" else float(s.shift)
+        self.sigmas = self.method.schedule(s.num_steps, shift)
+        self.rollout_sigmas = self.method.rollout_sigmas(s.num_steps, shift)
+        self.eval_sigmas = shift(s.eval_num_steps) if callable(shift) else sampling.sigmas(s.eval_num_steps, shift)
         self.ema_spec = self.method.eval_ema()
         self.guide_state = self.method.guide_state(world)  # None unless the method guides its rollouts
         self.nfes = self.method.nfes(self.batch_size)
@@ -225,8 +237,11 @@ class Trainer:
         self.ref_params = (params if abstract else lora.disabled(params)) if config.lora.rank > 0 else params
         self.graphdef = graphdef
 
+        guidance = getattr(world, "model_guidance", None)  # FLUX.1-dev's embedded guidance, an input of the model
+
         def apply(p, x, timesteps, ctx, pooled, *, frozen):
-            out = nnx.merge(graphdef, p, frozen)(x, timesteps, ctx, pooled)
+            extra = {} if guidance is None else {"guidance": jnp.full(timesteps.shape, guidance, jnp.float32)}
+            out = nnx.merge(graphdef, p, frozen)(x, timesteps, ctx, pooled, **extra)
             return to_velocity(out, x, timesteps / 1000.0, prediction)
 
         self.apply = apply
@@ -302,8 +317,7 @@ class Trainer:
         keep.pop("source", None)
         world_state = getattr(self.world, "state", None)
         args["reward"] = (batch(samples.shape, samples.dtype), batch((samples.shape[0],), jnp.int32), world_state)
-        size = self.method.rows(self.batch_size) // self.config.train.minibatches
-        m = minibatch_rows or -(-size // self.train_unit) * self.train_unit
+        m = minibatch_rows or self.minibatch_rows
         mb = {k: batch((m, *v.shape[1:]), v.dtype) for k, v in keep.items()}
         mb.update(cond=cond(m), advantages=batch((m,), jnp.float32), weights=batch((m,), jnp.float32),
                   pos=batch((m,), jnp.int32))
@@ -584,8 +598,7 @@ class Trainer:
         t_sample = time.perf_counter() - t0
 
         order, weights = (np.asarray(a) for a in jax.device_get(self._plan(advantages, k_perm)))
-        size = len(source) // t.minibatches
-        padded = -(-size // self.train_unit) * self.train_unit  # rows of weight 0 fill the last devices
+        size, padded = len(source) // t.minibatches, self.minibatch_rows  # rows of weight 0 fill the last devices
         acc, logs = self._zero_acc(self.state.params), []
         for i in range(t.minibatches):
             rows = np.resize(order[i * size:(i + 1) * size], padded)

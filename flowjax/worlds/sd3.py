@@ -1,9 +1,14 @@
-"""The SD3 / SD3.5 world as the RL trainer sees it: prompts, their conditioning, and the reward of a latent.
+"""The SD3 / SD3.5 (and FLUX.1) world as the RL trainer sees it: prompts, their conditioning, and the reward
+of a latent.
 
     pipe = SD3Pipeline.from_pretrained("stable-diffusion-3.5-medium")
     world = SD3World(pipe, load_prompt_folder("dataset/geneval", "train"), flowjax.rewards.load("geneval_remote"),
                      eval_prompts=load_prompt_folder("dataset/geneval", "test"))
     trainer = Trainer(config, workdir, model=pipe.transformer, world=world)
+
+With a `FluxPipeline` the same world runs FLUX.1: CLIP-L pooled + T5 conditioning (`FluxPipeline.encode_prompt`),
+the FLUX VAE, FLUX.1-dev's embedded guidance (`model_guidance`, passed to the transformer by the trainer) and the
+pipeline's resolution-dependent schedule (`sigmas(num_steps)`, used with `sample.shift = "dynamic"`).
 
 The trainer's world interface, and what this world does for each part:
 
@@ -178,10 +183,16 @@ class SD3World:
 
     def __init__(self, pipe, prompts: PromptSet, reward, *, eval_prompts: PromptSet | None = None,
                  resolution: int = 512, max_sequence_length: int = 128, precompute_limit: int = 256,
-                 encode_batch_size: int = 32, metrics: Sequence[str] = (), sharding=None, _shared=None):
+                 encode_batch_size: int = 32, metrics: Sequence[str] = (), sharding=None, guidance: float = 3.5,
+                 _shared=None):
         if len(prompts) == 0:
             raise ValueError("the SD3 world needs at least one prompt")
         self.pipe, self.prompts, self.reward_fn = pipe, prompts, reward
+        from flowjax.pipeline import FluxPipeline
+
+        self.flux = isinstance(pipe, FluxPipeline)
+        # FLUX.1-dev's distilled guidance, an input of its transformer (None: SD3, FLUX.1-schnell).
+        self.model_guidance = float(guidance) if self.flux and pipe.transformer.config.guidance_embeds else None
         self.resolution = int(resolution)
         self.latent_size = pipe.check_size(self.resolution, self.resolution)
         self.max_sequence_length = int(max_sequence_length)
@@ -207,6 +218,8 @@ class SD3World:
             vae_graphdef, vae_state = nnx.split(pipe.vae)
             neg_ctx, neg_pooled = self._encode_texts([""])
             _shared = dict(vae_graphdef=vae_graphdef, vae_state=vae_state, neg=(neg_ctx[0], neg_pooled[0]))
+        else:
+            _shared = {**_shared, "owner": False}
         self._shared = _shared
         self._vae_graphdef = _shared["vae_graphdef"]
         self.neg_ctx, self.neg_pooled = _shared["neg"]
@@ -231,13 +244,26 @@ class SD3World:
             self.eval_world = SD3World(pipe, eval_prompts, reward, resolution=resolution,
                                        max_sequence_length=max_sequence_length, precompute_limit=precompute_limit,
                                        encode_batch_size=encode_batch_size, metrics=metrics, sharding=sharding,
-                                       _shared=_shared)
+                                       guidance=guidance, _shared=_shared)
+        # When every prompt this world (and its eval world) will see is encoded, the text encoders (T5-XXL alone
+        # is 9.5 GB in bf16) leave device memory: training never runs them again.
+        tables = [w for w in (self, self.eval_world) if w is not None]
+        if _shared.get("owner", True) and all(w._table_ctx is not None for w in tables):
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                setattr(pipe, name, None)
+            self.encoders_released = True
 
     # ------------------------------------------------------------------ sizes and text
 
     @property
     def num_prompts(self) -> int:
         return len(self.prompts)
+
+    def sigmas(self, num_steps: int):
+        """The pipeline's own schedule at this world's resolution (FLUX: the resolution-dependent shift)."""
+        if not self.flux:
+            raise ValueError("sample.shift='dynamic' needs a FLUX pipeline; SD3 configs give a number (3.0)")
+        return self.pipe.sigmas(num_steps, self.resolution, self.resolution)
 
     @property
     def channels(self) -> int:
@@ -251,15 +277,19 @@ class SD3World:
 
     # ------------------------------------------------------------------ conditioning (host)
 
+    encoders_released = False
+
     def _encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ctx [N, L, D], pooled [N, P]) host arrays in the pipeline's dtype, in fixed-size encoder calls."""
+        if self.encoders_released:
+            raise RuntimeError("this SD3 world released its text encoders after encoding its prompt tables")
         n = min(self.encode_batch_size, len(texts))
         ctxs, pooleds = [], []
         for i in range(0, len(texts), n):
             chunk = texts[i:i + n]
             padded = chunk + [chunk[-1]] * (n - len(chunk))
-            ctx, pooled, _, _ = self.pipe.encode_prompt(padded, max_sequence_length=self.max_sequence_length,
-                                                        do_classifier_free_guidance=False)
+            kw = {} if self.flux else {"do_classifier_free_guidance": False}
+            ctx, pooled, _, _ = self.pipe.encode_prompt(padded, max_sequence_length=self.max_sequence_length, **kw)
             ctx, pooled = jax.device_get((ctx, pooled))
             ctxs.append(np.asarray(ctx)[:len(chunk)])
             pooleds.append(np.asarray(pooled)[:len(chunk)])
