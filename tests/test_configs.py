@@ -323,8 +323,10 @@ def test_pickscore_awm_one_step(tiny, tmp_path):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pickscore_euphonium_one_step(tiny, tmp_path):
-    """Euphonium on PickScore: the guide is PickScore's gradient at the decoded x0 prediction (through the VAE)."""
+    """Euphonium on PickScore: the guide is PickScore's gradient at the decoded x0 prediction (through the VAE).
+    --runslow: with the gradient through the tiny VAE decoder and CLIP it took 203 s on 2 busy CPU cores."""
     c = shrink(pickscore.get_config("euphonium"), tiny["model"], steps=3)
     c.euphonium.guide.start = 1  # the last 2 of 3 steps guided
     c.world.prompts = str(tiny["plain"])

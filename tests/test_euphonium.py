@@ -106,6 +106,8 @@ def test_quadratic_guide_follows_the_reference_kernel():
     eps = np.stack([np.asarray(jax.random.normal(k, noise.shape), np.float64) for k in jax.random.split(key, STEPS)])
     lat, lps, scores = reference_guided_chain(np.asarray(noise, np.float64), eps, np.asarray(sig, np.float64),
                                               np.asarray(c, np.float64), ETA)
+    print(f"guided kernel vs float64 reference: latents max abs error {np.abs(np.asarray(out.latents) - lat).max():.2e}, "
+          f"log-probs {np.abs(np.asarray(out.log_probs) - lps).max():.2e}")
     np.testing.assert_allclose(np.asarray(out.latents), lat, rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(out.log_probs), lps, rtol=0, atol=2e-4)
     np.testing.assert_allclose(np.asarray(out.guide_scores), scores, rtol=1e-5, atol=1e-4)
@@ -190,6 +192,8 @@ def test_dual_advantages_match_the_reference():
     np.testing.assert_allclose(out[:, :, 0], np.broadcast_to(ora[perm, None], (groups * size, steps)), rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(out[:, :, 1], pra[perm], rtol=1e-5, atol=1e-5)
+    print(f"dual advantages max abs error: outcome {np.abs(out[:, 0, 0] - ora[perm]).max():.2e}, "
+          f"process {np.abs(out[:, :, 1] - pra[perm]).max():.2e}")
     assert np.all(out[:, :12, 1] == 0.0)  # unguided steps: zero process advantage
 
 
@@ -219,6 +223,7 @@ def test_dual_loss_matches_the_reference():
         return np.mean(np.maximum(-a * r, -a * np.clip(r, 1 - 1e-4, 1 + 1e-4)))
 
     ref = 1.3 * ppo(adv[:, 0]) + 0.7 * ppo(adv[:, 1])
+    print(f"dual loss {float(loss):.9g} reference (float64) {ref:.9g} relative error {abs(float(loss) / ref - 1):.2e}")
     np.testing.assert_allclose(float(loss), ref, rtol=2e-4)
     np.testing.assert_allclose(float(metrics["process_loss"]), ppo(adv[:, 1]), rtol=2e-4)
     np.testing.assert_allclose(float(metrics["outcome_loss"]), ppo(adv[:, 0]), rtol=2e-4)
@@ -331,6 +336,38 @@ def test_prm_fits_a_tiny_world_and_round_trips(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ runs
+
+
+def test_micro_batched_guided_rollout_matches_the_whole_batch(tmp_path):
+    """sample.micro_batch > 0 with the guided rollout (configs/toy.py:euphonium, the toy reward's gradient
+    guides): the trainer's rollout program called on 4 micro-batches of 4 rows, each with its rows' prompts,
+    noise ids and row ids (as Trainer.train_step passes them), keeps what the whole-batch call keeps."""
+    from flowjax import sharding
+    from flowjax.train import build
+
+    c = toy.get_config("euphonium")
+    c.sample.micro_batch = 4
+    trainer = build(c, tmp_path, mesh=sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                                         devices=jax.devices()[:1]))
+    assert trainer.micro_rows == 4 and [len(r) for r in trainer._micro_batches(16)] == [4] * 4
+    prompt_ids, _ = trainer.sampler.batch(0)
+    k_noise, k_sample = jax.random.split(jax.random.key(0))
+    window = trainer.method.window(0, k_noise)
+
+    def call(rows):
+        ids = trainer._global(rows.astype(np.int32))
+        keep, samples = trainer._rollout(trainer.state.params, trainer.frozen, trainer._cond(prompt_ids[rows]), ids,
+                                         ids, k_noise, k_sample, window,
+                                         trainer._global(prompt_ids[rows].astype(np.int32)), trainer.guide_state)
+        return {k: np.asarray(v) for k, v in dict(keep, samples=samples).items()}
+
+    whole = call(np.arange(16))
+    parts = [call(rows) for rows in trainer._micro_batches(16)]
+    trainer.close()
+    assert np.count_nonzero(whole["process_scores"].any(axis=0)) == 3  # the 3 guided steps hold scores
+    for key, value in whole.items():
+        np.testing.assert_allclose(np.concatenate([p[key] for p in parts]), value, rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
 
 
 @pytest.mark.slow

@@ -228,8 +228,12 @@ class Euphonium(FlowGRPO):
         """The transformer evaluations of FlowGRPO, plus `guide`: guide evaluations (PRM or reward gradients)."""
         out = super().nfes(batch)
         if self.cfg.guide.source != "none":
-            sig = self.rollout_sigmas(self.num_steps, float(self.config.sample.shift))
-            out["guide"] = int(np.count_nonzero(np.asarray(self.guide_scales(sig)))) * batch
+            # the guided steps of a strictly decreasing schedule (no need to build it: sample.shift may be
+            # "dynamic", a world's own schedule); none with a zero scale
+            g, n = self.cfg.guide, self.num_steps
+            end = n if g.end < 0 else g.end
+            steps = len(range(int(g.start), int(end), int(g.interval))) if g.scale != 0 else 0
+            out["guide"] = steps * batch
         return out
 
 
