@@ -82,7 +82,10 @@ def get_config(arg: str = "nft"):
             c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
     elif c.method == "euphonium":
         # DanceGRPO's shapes settings (the dance variant above) plus guidance by the shipped latent PRM on the
-        # last half of the steps and the process advantages of its scores.
+        # last half of the steps and the process advantages of its scores. The shipped PRM (python -m flowjax.prm
+        # --rollouts=1536 --steps=800 --batch_size=128 --lr=2e-3; its config.json holds the fit) is weak: held-out
+        # Pearson r 0.27 overall, 0.03-0.12 within a prompt's group on the guided steps; its gradient moved the
+        # base model's samples by a mean |dx| of 0.003 (rms 1.0) and changed no reward of 192 samples.
         m.update(guidance=1.0, clip_range=0.2, noise_level=0.3, timestep_fraction=0.6)
         m.guide.update(source="prm", path=str(SHAPES_PRM), start=4, kl_beta=0.05)
         c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
