@@ -42,6 +42,12 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
 - nft, DiffusionNFT `config/nft.py:sd3_ocr`: CFG-free 10-step dpm2 rollouts with the old policy, 48 x 24 in
   16 minibatches of 72, two optimizer steps per epoch, mix b 0.1, KL 1e-4, old-policy decay type 2, EMA copy
   0.9 per optimizer step, evaluation every 10 epochs.
+- euphonium, Euphonium (zerzerzerz/Euphonium d9f2c39; its only published recipe is HunyuanVideo's, so the image
+  settings are ours, flowjax/recipes.py says which): 16 DanceGRPO steps (eta 0.25), guided on the last 4 with
+  c_i = eta^2 / (2 * 3.125) * delta_t, log-probs under the unguided mean, outcome + process PPO terms (1 and 1,
+  clip 1e-4), a random 60% of the steps trained, per-group unbiased std, CFG 4.5, no KL. The OCR reward has no gradient:
+  the guide is a latent PRM trained first (`python -m flowjax.prm --config=configs/ocr.py:euphonium --workdir=DIR
+  ...`, then `--config.euphonium.guide.path=DIR/prm`).
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
 eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages, 512 px, T5 length 128.
 What still differs from the references, and why:

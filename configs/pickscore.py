@@ -42,6 +42,11 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
   4 minibatches, two optimizer steps per epoch, EMA copy (0.9, every 8), evaluation every 20 epochs. Its 32
   seeds per epoch run on up to 32 data-parallel devices (train.prompts_per_batch=16 on 64); sample.micro_batch
   and train.micro_batch work as for the others.
+- euphonium, Euphonium (zerzerzerz/Euphonium d9f2c39; its only published recipe is HunyuanVideo's, so the image
+  settings are ours, flowjax/recipes.py says which): 16 DanceGRPO steps (eta 0.25), guided on the last 4 with
+  c_i = eta^2 / (2 * 3.125) * delta_t, log-probs under the unguided mean, outcome + process PPO terms (1 and 1,
+  clip 1e-4), a random 60% of the steps trained, per-group unbiased std, CFG 4.5, no KL. The guide is PickScore's own
+  gradient at the decoded x0 prediction x - sigma v (through the VAE decoder).
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
 eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages (tempflow:
 per group), 512 px, T5 length 128.

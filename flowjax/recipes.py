@@ -23,6 +23,17 @@ Sources (each value below cites one of these):
   epochs. Its config/base.py is not on record; lr, Adam, clip range 1e-4 and adv_clip_max 5 are Flow-GRPO's
   base.py, which TempFlow-GRPO forks. No OCR recipe is published (general_ocr_sd3 has no `_pr` form), so ocr
   has no tempflow variant.
+- Euphonium: zerzerzerz/Euphonium d9f2c39 publishes one recipe, for HunyuanVideo (scripts/train_grpo_hunyuan.sh);
+  there are no published image settings. Kept from it: 16 DanceGRPO steps with eta 0.25, guidance on the last 4
+  with c_i = eta^2 / (2 * 3.125) * delta_t, log-probs under the unguided mean, a random 60% of the steps trained,
+  outcome and process PPO terms of weight 1, clip 1e-4, advantages clipped to 5, per-group unbiased std + 1e-8,
+  no KL. Chosen for SD3.5-M (our choice, not published): SD3.5's shift 3 (the script's 5 is HunyuanVideo's), CFG
+  4.5 in rollouts, training and evaluation (Flow-GRPO's SD3.5 value; the script runs guidance-distilled
+  HunyuanVideo without CFG), the shared LoRA / AdamW settings and Flow-GRPO's batch of 48 prompts x 24 in 4
+  minibatches with 2 optimizer steps per epoch (the script: 8 videos per prompt, lr 1e-6 full fine-tuning).
+  The guide: PickScore is differentiable, so on PickScore the world's reward of the x0 prediction guides
+  (through the VAE decoder); GenEval (a host server) and OCR (edit distance) are not, so there the guide is a
+  latent PRM that must first be trained for SD3.5 with `python -m flowjax.prm` (`euphonium.guide.path`).
 """
 
 from __future__ import annotations
@@ -32,11 +43,12 @@ import ml_collections
 from flowjax import sharding
 from flowjax.models.lora import SD3_ATTENTION_TARGETS
 from flowjax.rl.awm import AWM
+from flowjax.rl.euphonium import Euphonium
 from flowjax.rl.grpo import FlowGRPO
 from flowjax.rl.nft import DiffusionNFT
 from flowjax.rl.tempflow import TempFlowGRPO
 
-VARIANTS = ("grpo", "cps", "cps_fast", "awm", "nft", "tempflow")
+VARIANTS = ("grpo", "cps", "cps_fast", "awm", "nft", "tempflow", "euphonium")
 TASKS = ("geneval", "ocr", "pickscore")
 
 # Per-task values of the references (see the module docstring for the files).
@@ -142,6 +154,19 @@ def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
         # SA-Solver with tau 0.4 on [0.3, 0.9] (GenEval, OCR), deterministic (noise_level 0) on PickScore.
         m.update(beta=beta, time_type=time_type, rows_per_draw=rows, noise_level=0.0 if task == "pickscore" else 0.4)
         c.eval_every = c.checkpoint_every = every
+    elif c.method == "euphonium":
+        m = c.euphonium = Euphonium.defaults()  # the script's values (flowjax/rl/euphonium.py)
+        s.num_steps = 16
+        t.prompts_per_batch = 48
+        t.minibatches, t.grad_accum = 4, 2
+        m.guidance = s.eval_guidance = 4.5
+        m.integer_timesteps = False  # SD3.5's transformer takes sigma * 1000 as the other recipes here
+        c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)  # per group, torch.std + 1e-8
+        if task == "pickscore":
+            m.guide.source = "reward"  # PickScore of the decoded x0 prediction, differentiated
+        else:
+            m.guide.update(source="prm", path="")  # REQUIRED: --config.euphonium.guide.path=DIR (flowjax.prm)
+        c.eval_every = c.checkpoint_every = 60
     else:
         mix, decay_type, steps_per_epoch = _NFT[task]
         m = c.nft = DiffusionNFT.defaults()

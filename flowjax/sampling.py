@@ -345,6 +345,8 @@ class Rollout(NamedTuple):
     latents: jax.Array  # [T+1, B, ...] float32; latents[0] = noise, latents[-1] = sample
     log_probs: jax.Array  # [T, B] float32; 0 on ODE steps
     sigmas: jax.Array  # [T+1] float32
+    # [T, B] float32: the guide's scores of x at each guided step, 0 on the others (None without a guide)
+    guide_scores: jax.Array | None = None
 
 
 def _concrete(x):
@@ -576,6 +578,8 @@ def rollout(
     sde_window=None,
     sa_tau_interval=None,
     rows=None,
+    guide=None,
+    guide_scale=None,
 ) -> Rollout:
     """Sample from `noise` (x at sigmas[0]) to sigmas[-1] in one `jax.lax.scan`.
 
@@ -596,6 +600,15 @@ def rollout(
     key: PRNG key for the step noise; may be None for "ode", "dpm2" and "sa_solver" with tau 0. Step i
       draws `jax.random.normal(jax.random.split(key, T)[i], x.shape)`, or with `rows` ([B] int: each row's
       index in the whole batch) the row's own `step_noise`, so a micro-batched rollout equals the whole one.
+    guide, guide_scale: reward-gradient guidance (Euphonium), step kernels only, not with sde_window.
+      `guide(x, sigma_batch, v) -> (scores [B], gradient [B, ...])` is a differentiable reward's value and
+      its gradient with respect to x at the step's start (v, the step's velocity, is passed so that a
+      pixel-reward guide can form x0_hat = x - sigma * v without another model call); `guide_scale` is a
+      scalar or per-step [T] array of coefficients c_i (may be traced). Step i adds c_i * gradient to the
+      kernel's mean before the noise is added; its log-prob stays that of the UNGUIDED kernel (Euphonium's
+      `use_reward_guided_mean_for_logprob=False`, scripts/train_grpo_hunyuan.sh), so training needs no
+      reward gradient. The guide runs only on steps with c_i != 0 (`lax.cond`); with every c_i = 0 the
+      rollout equals the unguided one bit for bit. Rollout.guide_scores [T, B] holds its scores (0 elsewhere).
 
     Returns Rollout(latents [T+1, B, ...], log_probs [T, B], sigmas [T+1]), all float32, T = len(sigmas) - 1,
     latents[0] = noise and latents[-1] = the final sample for every kind. Kernels and dpm2: latents[i] is
@@ -613,6 +626,9 @@ def rollout(
     batch = x0.shape[0]
 
     if kind in SOLVERS:
+        if guide is not None or guide_scale is not None:
+            raise ValueError(f"reward-gradient guidance (guide=) applies to the step kernels {', '.join(KINDS)}, "
+                             f"not the multistep solver kind={kind!r}")
         interval = _check_solver_args(kind, sig, level, key, sde_window, sa_tau_interval)
         zero_log_probs = jnp.zeros((num_steps, batch), jnp.float32)
         if kind == "dpm2":
@@ -630,6 +646,8 @@ def rollout(
     level = jnp.asarray(level, jnp.float32)
     sig_max = sig[1]
     keys = jax.random.split(key, num_steps) if kind != "ode" else jnp.zeros((num_steps,), jnp.uint32)
+    if guide is not None or guide_scale is not None:
+        return _guided_rollout(velocity_fn, x0, sig, keys, kind, level, rows, guide, guide_scale, window)
 
     def body(x, inp):
         i, s, s_next, k = inp
@@ -649,6 +667,69 @@ def rollout(
     xs = (jnp.arange(num_steps, dtype=jnp.int32), sig[:-1], sig[1:], keys)
     _, (traj, log_probs) = jax.lax.scan(body, x0, xs)
     return Rollout(jnp.concatenate([x0[None], traj], axis=0), log_probs, sig)
+
+
+def _check_guide(guide, guide_scale, num_steps, window):
+    """The per-step coefficients [T] float32 of a guided rollout, or a ValueError naming the fix."""
+    if guide is None or guide_scale is None:
+        raise ValueError("reward-gradient guidance needs both guide=(x, sigma, v) -> (scores, gradient) and "
+                         "guide_scale (a scalar or one coefficient per step)")
+    if not callable(guide):
+        raise ValueError(f"guide must be a function (x, sigma_batch, v) -> (scores [B], gradient), got {guide!r}")
+    if window is not None:
+        raise ValueError("guide and sde_window (MixGRPO) cannot be combined: guidance acts on the stochastic "
+                         "steps of a full-trajectory kernel; leave sde_window out")
+    scale = jnp.asarray(guide_scale, jnp.float32)
+    if scale.ndim == 0:
+        scale = jnp.full((num_steps,), scale)
+    if scale.shape != (num_steps,):
+        raise ValueError(f"guide_scale must be a scalar or [num_steps={num_steps}], got shape {scale.shape}")
+    c = _concrete(scale)
+    if c is not None and not np.all(np.isfinite(c)):
+        raise ValueError(f"guide_scale must be finite, got {c.tolist()}")
+    return scale
+
+
+def _guided_rollout(velocity_fn, x0, sig, keys, kind, level, rows, guide, guide_scale, window) -> Rollout:
+    """`rollout` with reward-gradient guidance (see its docstring): step i's kernel mean plus
+    guide_scale[i] * gradient of the guide at (x_i, sigma_i), log-probs under the unguided mean.
+
+    Follows zerzerzerz/Euphonium@d9f2c39, euphonium/grpo/grpo_sampling/flux_step.py (`flux_step`): the
+    DanceGRPO mean (`sde_solver=True`) is kept as `prev_sample_mean_without_reward`, the reward gradient
+    times its scale is added to the mean, the sample is drawn around the guided mean, and with
+    `use_reward_guided_mean_for_logprob=False` (the shipped scripts/train_grpo_hunyuan.sh) the log-prob
+    is that of the sample under the unguided mean. The scale rule (Euphonium's `actual_scale`, times
+    delta t) is the caller's: flowjax.rl.euphonium.guidance_scales.
+    """
+    num_steps = sig.shape[0] - 1
+    batch = x0.shape[0]
+    scale = _check_guide(guide, guide_scale, num_steps, window)
+    sig_max = sig[1]
+
+    def run_guide(x, s_b, v):
+        scores, grad = guide(x, s_b, v)
+        scores, grad = jnp.asarray(scores, jnp.float32), jnp.asarray(grad, jnp.float32)
+        if scores.shape != (batch,) or grad.shape != x.shape:
+            raise ValueError(f"guide must return (scores [{batch}], gradient {tuple(x.shape)}), got "
+                             f"{scores.shape} and {grad.shape}")
+        return scores, grad
+
+    def body(x, inp):
+        i, s, s_next, k, c = inp
+        s_b = jnp.full((batch,), s, jnp.float32)
+        v = velocity_fn(x, s_b).astype(jnp.float32)
+        on = c != 0.0
+        scores, grad = jax.lax.cond(on, run_guide, lambda *_: (jnp.zeros((batch,), jnp.float32), jnp.zeros_like(x)),
+                                    x, s_b, v)
+        eps = step_noise(k, x.shape, rows) if kind != "ode" else None
+        st = step(kind, x, v, s, s_next, eps, level=level, sig_max=sig_max)
+        mean = jnp.where(on, st.mean + c * grad, st.mean)  # exactly the unguided mean where c = 0
+        x_next = mean if eps is None else mean + st.std * eps
+        return x_next, (x_next, _log_prob(kind, x_next, st), scores)
+
+    xs = (jnp.arange(num_steps, dtype=jnp.int32), sig[:-1], sig[1:], keys, scale)
+    _, (traj, log_probs, scores) = jax.lax.scan(body, x0, xs)
+    return Rollout(jnp.concatenate([x0[None], traj], axis=0), log_probs, sig, scores)
 
 
 def sample_window(key, num_steps: int, window_size: int, *, max_start: int | None = None):

@@ -46,9 +46,11 @@ def test_every_variant_builds_and_validates(name, variant):
     assert c.train.lr == 3e-4 and c.train.weight_decay == 1e-4
     assert c.train.max_grad_norm == 1.0 and c.world.max_sequence_length == 128
     assert (c.lora.rank, c.lora.alpha, tuple(c.lora.targets)) == (32, 64.0, SD3_TARGETS)
-    # every reference: global_std=True, but TempFlow-GRPO's *_sd3_pr (a std per group)
-    std = "per_prompt" if variant == "tempflow" else "global"
-    assert c.advantage.to_dict() == {"std": std, "ddof": 0, "eps": 1e-4}
+    # every reference: global_std=True, but TempFlow-GRPO's *_sd3_pr (a std per group) and Euphonium (per group,
+    # torch.std + 1e-8: grpo_training/trainer.py, d9f2c39)
+    assert c.advantage.to_dict() == {"tempflow": {"std": "per_prompt", "ddof": 0, "eps": 1e-4},
+                                     "euphonium": {"std": "per_prompt", "ddof": 1, "eps": 1e-8}}.get(
+        c.method, {"std": "global", "ddof": 0, "eps": 1e-4})
     batch = c.train.prompts_per_batch * c.train.group_size
     assert batch % c.train.minibatches == 0 and c.train.minibatches % c.train.grad_accum == 0
     steps_per_epoch = c.train.minibatches // c.train.grad_accum
@@ -86,6 +88,15 @@ def test_every_variant_builds_and_validates(name, variant):
         assert m.beta == (0.001 if name == "pickscore" else 0.004) and int(10 * m.timestep_fraction) == 9
         assert m.eval_ema.to_dict() == {"decay": 0.9, "every": 8, "cadence": "microbatch"}
         assert 8 * 4 * 6 // c.train.minibatches == 48  # (seed, branch) units per minibatch: 8 GPUs x 6
+    elif c.method == "euphonium":  # scripts/train_grpo_hunyuan.sh (d9f2c39); the rest chosen (flowjax/recipes.py)
+        assert (c.sample.num_steps, m.kind, m.noise_level, m.schedule, m.random_steps) == (16, "dance", 0.25, "dance", True)
+        assert (m.timestep_fraction, m.clip_range, m.adv_clip, m.beta, m.outcome_coef, m.process_coef) == (
+            0.6, 1e-4, 5.0, 0.0, 1.0, 1.0)
+        g = m.guide
+        assert (g.start, g.end, g.interval, g.scale, g.kl_beta, g.delta_t) == (12, -1, 1, -1.0, 3.125, True)
+        assert m.noise_level**2 / (2 * g.kl_beta) == 0.01  # the script's PROCESS_LATENT_REWARD_GUIDANCE_SCALE
+        assert (m.guidance, c.sample.eval_guidance, steps_per_epoch) == (4.5, 4.5, 2)
+        assert g.source == ("reward" if name == "pickscore" else "prm") and not m.filter_zero_advantage
     else:  # DiffusionNFT config/nft.py (24af555)
         assert c.sample.num_steps == 10 and m.guidance == c.sample.eval_guidance == 1.0 and c.eval_every == 10
         assert (m.mix, m.decay_type, steps_per_epoch) == {"geneval": (1.0, 1, 1), "ocr": (0.1, 2, 2),
@@ -349,6 +360,55 @@ def test_tempflow_one_step(name, tiny, servers, tmp_path):
     if name == "geneval":  # the evaluation before the first update, the 24 branch images in one request, evaluation
         sizes = [len(pickle.loads(r)["images"]) for r in servers["geneval"].requests[n_before:]]
         assert sizes == [1, 24, 1]
+
+
+@pytest.mark.slow
+def test_pickscore_euphonium_one_step(tiny, tmp_path):
+    """Euphonium on PickScore: the guide is PickScore's gradient at the decoded x0 prediction (through the VAE).
+    --runslow: with the gradient through the tiny VAE decoder and CLIP it took 203 s on 2 busy CPU cores."""
+    c = shrink(pickscore.get_config("euphonium"), tiny["model"], steps=3)
+    c.euphonium.guide.start = 1  # the last 2 of 3 steps guided
+    c.world.prompts = str(tiny["plain"])
+    c.reward.path = str(tiny["pickscore"])
+    trainer, rows = run_one_step(c, tmp_path)
+    assert rows[1]["nfe/guide"] == 2 * 4 and math.isfinite(rows[1]["process_loss"])
+
+
+def tiny_prm(path, model_folder):
+    """A randomly initialised latent PRM that reads the tiny pipeline's latents and conditioning."""
+    from flowjax.models import prm
+
+    cfg = json.loads((Path(model_folder) / "transformer" / "config.json").read_text())
+    prm.save(prm.initialise(prm.LatentPRMConfig(in_channels=cfg["in_channels"], text_dim=cfg["joint_attention_dim"],
+                                                pooled_dim=cfg["pooled_projection_dim"], width=8, stages=2)), path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["geneval", "ocr"])
+def test_euphonium_prm_one_step(tiny, servers, tmp_path, name):
+    """Euphonium on GenEval / OCR (rewards without a gradient): the guide is a latent PRM (here a random one)."""
+    c = shrink(CONFIGS[name].get_config("euphonium"), tiny["model"], steps=3)
+    c.euphonium.guide.update(start=1, path=tiny_prm(tmp_path / "prm", tiny["model"]))
+    if name == "geneval":
+        c.world.generate_train, c.world.generate_test = 6, 2
+        c.reward.url = servers["geneval"].url
+    else:
+        c.world.prompts = str(tiny["ocr"])
+        c.reward.name, c.reward.url = "remote", servers["ocr"].url + "/score"
+        c.reward.options = {"timeout": 120.0, "retries": 3, "batch_size": 64}
+    trainer, rows = run_one_step(c, tmp_path / "run")
+    assert rows[1]["nfe/guide"] == 2 * 4 and math.isfinite(rows[1]["process_loss"])
+
+
+def test_euphonium_reward_guide_needs_a_gradient(tiny, servers, tmp_path):
+    """A host reward (the GenEval server) cannot guide: the build says so and names the PRM."""
+    c = shrink(geneval.get_config("euphonium"), tiny["model"], steps=3)
+    c.euphonium.guide.update(source="reward", start=1)
+    c.world.generate_train, c.world.generate_test = 4, 0
+    c.reward.url = servers["geneval"].url
+    with pytest.raises(ValueError, match="guide.source='prm'"):
+        build(c, tmp_path, mesh=single_device_mesh())
 
 
 # ----------------------------------------------------------------------------- FLUX.1

@@ -355,11 +355,20 @@ class FlowGRPO(Method):
                                   else int(n * c.timestep_fraction))
         return steps * batch * (2 if c.guidance != 1.0 else 1) * (2 if c.beta > 0 else 1)
 
+    def transition_loss(self, lp: sampling.TransitionLogProb, old_log_prob, adv, ref_mean, weights):
+        """(loss, metrics) of one trained step of every row: `grpo_loss` with this config (`lp` the policy's
+        transition log-probs, `adv` the rows' advantages at the step, `ref_mean` the reference's means or None)."""
+        c = self.cfg
+        beta = float(c.beta)
+        return grpo_loss(
+            lp.log_prob, old_log_prob, adv, clip_range=float(c.clip_range), beta=beta,
+            mean=lp.mean if beta > 0 else None, ref_mean=ref_mean, std_t=lp.std_t if beta > 0 else None,
+            adv_clip=float(c.adv_clip), kl_mode="plain" if c.kind == "cps" else "std", weights=weights)
+
     def grads(self, ctx, params, state, mb, window, key):
         c = self.cfg
         kind, level, beta, guidance = c.kind, float(c.noise_level), float(c.beta), float(c.guidance)
         integer = bool(c.integer_timesteps)
-        kl_mode = "plain" if kind == "cps" else "std"
         latents, cond = mb["latents"], mb["cond"]
         sig_all = ctx.sigmas
 
@@ -373,10 +382,7 @@ class FlowGRPO(Method):
             adv = mb["advantages"]
             adv = adv if adv.ndim == 1 else _take_steps(adv, idx)
             ref_mean = jax.lax.stop_gradient(step(ctx.ref_params).mean) if beta > 0 else None
-            return grpo_loss(
-                lp.log_prob, _take_steps(mb["log_probs"], idx), adv, clip_range=float(c.clip_range), beta=beta,
-                mean=lp.mean if beta > 0 else None, ref_mean=ref_mean, std_t=lp.std_t if beta > 0 else None,
-                adv_clip=float(c.adv_clip), kl_mode=kl_mode, weights=mb["weights"])
+            return self.transition_loss(lp, _take_steps(mb["log_probs"], idx), adv, ref_mean, mb["weights"])
 
         idx, valid = self.train_steps(window, key, latents.shape[0], positions(mb))
         grads, metrics = accumulate(loss_fn, params, idx, valid)

@@ -11,6 +11,8 @@ method-specific:
   rollout_sigmas()  the grid its rollouts run on (the schedule, unless its solver has its own)
   init_state()      its own state (old policy, KL-EMA policy, ...), checkpointed with the rest
   window()          per-epoch rollout information drawn before sampling (MixGRPO's window start)
+  guide_state()     the arrays a reward-gradient guide reads (a latent PRM, the world's reward weights), built
+                    once from the world; guide() turns them into the rollout's `guide` (Euphonium); None: none
   rollout()         the rollout itself: (what it keeps for training, the samples to score), row by row. By
                     default one `sampling.rollout` per batch row; a method may score more rows than the
                     batch has (TempFlow-GRPO's branches), naming each row's batch row in keep["source"]
@@ -160,6 +162,18 @@ class Method:
         """Per-epoch rollout information drawn before sampling (an int32 scalar; 0 when unused)."""
         return jnp.zeros((), jnp.int32)
 
+    def guide_state(self, world) -> Any:
+        """The arrays this method's reward-gradient guide reads (a latent PRM's weights, the world's reward
+        weights), built once by the trainer from the world and passed to every rollout call as a jit argument;
+        None (default) when its rollouts take no guide."""
+        return None
+
+    def guide(self, state, world, cond: Cond, prompt_ids) -> Callable | None:
+        """The `guide(x, sigma [B], v) -> (scores [B], gradient)` of one rollout call (see sampling.rollout),
+        from `guide_state`'s arrays and the call's conditioning and prompt ids, traced inside the rollout
+        program; the trainer passes it to `rollout(..., guide=...)`. None (default): no guide."""
+        return None
+
     def rollout_kwargs(self, window) -> dict:
         """Traced keyword arguments of sampling.rollout that depend on `window` (e.g. sde_window)."""
         return {}
@@ -174,7 +188,7 @@ class Method:
         [B] are the rows' indices in the epoch's batch (draw per-row noise from them: `sampling.step_noise`,
         so that micro-batched rollouts equal whole ones). When R differs from the batch, keep["source"] [R]
         int32 gives each row's row in this call (its prompt, its conditioning) and `advantages` must group
-        the rows itself."""
+        the rows itself. A method whose `guide` returns one is called with `guide=` as well."""
         spec = self.rollout_spec()
         out = sampling.rollout(velocity_fn, noise, sigmas, key, kind=spec.kind, noise_level=spec.noise_level,
                                rows=rows, **spec.kwargs(), **self.rollout_kwargs(window))
@@ -289,6 +303,7 @@ _REGISTRY: dict[str, str] = {
     "awm": "flowjax.rl.awm:AWM",
     "nft": "flowjax.rl.nft:DiffusionNFT",
     "tempflow": "flowjax.rl.tempflow:TempFlowGRPO",
+    "euphonium": "flowjax.rl.euphonium:Euphonium",
 }
 
 

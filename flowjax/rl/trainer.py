@@ -143,6 +143,7 @@ class Trainer:
         self.rollout_sigmas = self.method.rollout_sigmas(s.num_steps, shift)
         self.eval_sigmas = shift(s.eval_num_steps) if callable(shift) else sampling.sigmas(s.eval_num_steps, shift)
         self.ema_spec = self.method.eval_ema()
+        self.guide_state = self.method.guide_state(world)  # None unless the method guides its rollouts
         self.nfes = self.method.nfes(self.batch_size)
         self.compute_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
         micro = int(s.get("micro_batch", 0) or 0)
@@ -247,7 +248,7 @@ class Trainer:
         window = rep(window.shape, window.dtype)
         sampler = self.method.rollout_spec().sampler
         sample_params = self.state.params if sampler == "policy" else self.state.method[sampler]
-        args = {"rollout": (sample_params, self.frozen, cond(rows), ids, ids, key, key, window)}
+        args = {"rollout": (sample_params, self.frozen, cond(rows), ids, ids, key, key, window, ids, self.guide_state)}
         keep, samples = jax.eval_shape(self._rollout, *args["rollout"])
         keep.pop("source", None)
         world_state = getattr(self.world, "state", None)
@@ -280,10 +281,12 @@ class Trainer:
             return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), noise_shape, jnp.float32))(ids)
 
         @jax.jit
-        def rollout(params, frozen, cond, noise_ids, rows, k_noise, key, window):
+        def rollout(params, frozen, cond, noise_ids, rows, k_noise, key, window, prompt_ids, guide_state):
             v = lambda x, sig: velocity(apply_with(frozen), params, x, sig, cond, spec.guidance,
                                         spec.integer_timesteps)
-            return method.rollout(v, draw_noise(k_noise, noise_ids), self.rollout_sigmas, key, window, rows)
+            guide = method.guide(guide_state, self.world, cond, prompt_ids)
+            return method.rollout(v, draw_noise(k_noise, noise_ids), self.rollout_sigmas, key, window, rows,
+                                  **({} if guide is None else {"guide": guide}))
 
         @jax.jit
         def evaluate(params, frozen, cond, rows, k_noise):
@@ -482,7 +485,8 @@ class Trainer:
             cond = self._cond(prompt_ids[rows])
             keep, samples = self._rollout(sample_params, self.frozen, cond,
                                           self._global(noise_ids[rows].astype(np.int32)),
-                                          self._global(rows.astype(np.int32)), k_noise, k_sample, window)
+                                          self._global(rows.astype(np.int32)), k_noise, k_sample, window,
+                                          self._global(prompt_ids[rows].astype(np.int32)), self.guide_state)
             # Scored rows: the micro-batch's, or the method's own (keep["source"]: each one's row in the call).
             local = np.asarray(jax.device_get(keep.pop("source"))) if "source" in keep else np.arange(len(rows))
             scores.append(self._score(samples, self._global(prompt_ids[rows[local]].astype(np.int32)), world_state))
