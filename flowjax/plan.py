@@ -292,6 +292,7 @@ def plan(config, topology: Topology, *, name: str | None = None, preset: str = "
     import numpy as np
 
     from flowjax import sharding as sharding_lib
+    from flowjax.rl import abstract
 
     devices = devices if devices is not None else tpu_devices(topology)
     n_dev = len(devices)
@@ -314,9 +315,10 @@ def plan(config, topology: Topology, *, name: str | None = None, preset: str = "
         """{program: measurement with its peak per device} at these micro-batches."""
         config.sample.micro_batch, config.train.micro_batch = sample_micro, train_micro
         tr, _ = build_abstract(config, mesh, preset=preset)
-        lowered = tr.programs()
+        args = abstract.program_args(tr)
+        lowered = abstract.lower(tr, args)
         rows = tr.micro_rows or tr.batch_size
-        keep_shapes, _ = jax.eval_shape(tr._rollout, *tr._program_args["rollout"])
+        keep_shapes, _ = jax.eval_shape(tr._rollout, *args["rollout"])
         keep_shapes.pop("source", None)
         keep_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(keep_shapes))
         ctx_shape, pooled_shape = tr.world.cond_shapes
@@ -331,7 +333,7 @@ def plan(config, topology: Topology, *, name: str | None = None, preset: str = "
             key = (name, sample_micro if name in SAMPLE_PROGRAMS else train_micro)
             if key not in cache:
                 m = dict(measure(lowered[name], topology))
-                m["inputs"] = max(0, m["arguments"] - _resident_args(name, tr))
+                m["inputs"] = max(0, m["arguments"] - _resident_args(args[name], tr))
                 live = epoch if name in ("rollout", "update") else 0.0
                 m["peak"] = (float("inf") if m.get("oom") else
                              resident_total + live + m["inputs"] + m["temporaries"] + m["outputs"] - m["aliased"])
@@ -394,9 +396,8 @@ def plan(config, topology: Topology, *, name: str | None = None, preset: str = "
     return report
 
 
-def _resident_args(name: str, tr) -> int:
+def _resident_args(args: tuple, tr) -> int:
     """Bytes per device of a program's arguments that are resident states (params, model, world weights)."""
-    args = tr._program_args[name]
     resident_like = (tr.state, tr.frozen, tr.ref_params, getattr(tr.world, "state", None), tr.state.params,
                      tr.state.method)
     ids = {id(x) for x in resident_like if x is not None}

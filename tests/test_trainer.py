@@ -11,7 +11,8 @@ import pytest
 from configs import toy
 from flowjax import sharding
 from flowjax.rl import awm_ema_decay, old_policy_decay
-from flowjax.rl.trainer import learning_rate, validate
+from flowjax.rl.optim import learning_rate
+from flowjax.rl.trainer import validate
 from flowjax.train import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -37,7 +37,9 @@ from flowjax import sharding as sharding_lib
 from flowjax.data.sampler import KRepeatSampler
 from flowjax.models import lora
 from flowjax.models.prediction import check_prediction, to_velocity
+from flowjax.rl import abstract as abstract_lib
 from flowjax.rl import advantages as adv_lib
+from flowjax.rl import evaluation, optim
 from flowjax.rl.batching import accumulate_window, micro_batched, minibatch_layout
 from flowjax.rl.ema import eval_ema_step
 from flowjax.rl.method import Cond, Context, build_method, velocity
@@ -55,27 +57,14 @@ class TrainState:
     nan_steps: jax.Array
 
 
-LR_SCHEDULES = ("constant", "cosine")
 ADV_STD = ("global", "per_prompt")
-
-
-def learning_rate(train):
-    """`train.lr`, constant (the references) or, with `train.lr_schedule="cosine"`, decayed to 0 over the
-    run's optimizer updates (steps x minibatches / grad_accum): a short run then ends where its
-    updates are small instead of mid-stride."""
-    kind = train.get("lr_schedule", "constant")
-    if kind == "constant":
-        return train.lr
-    updates = max(1, train.steps * train.minibatches // train.grad_accum)
-    return optax.cosine_decay_schedule(train.lr, updates)
 
 
 def validate(config):
     """Refuses impossible or contradictory configs with a message naming the fix; returns the method."""
     t = config.train
     method = build_method(config)
-    if t.get("lr_schedule", "constant") not in LR_SCHEDULES:
-        raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
+    optim.check(t)
     a = config.get("advantage") or {}
     if a.get("std", "global") not in ADV_STD:
         raise ValueError(f"advantage.std must be one of {ADV_STD}, got {a.get('std')!r}")
@@ -166,7 +155,7 @@ class Trainer:
             checkpoint.save_policy(self.workdir, model, base=base, trainable="lora" if config.lora.rank > 0 else "all")
         graphdef, params, frozen = nnx.split(model, trainable, ...)
         rules = tuple(config.sharding_rules)
-        place = self._placed if abstract else sharding_lib.shard_state
+        place = abstract_lib.placed if abstract else sharding_lib.shard_state
         params = place(params, self.mesh, rules)
         self.frozen = place(frozen, self.mesh, rules)
         self.ref_params = (params if abstract else lora.disabled(params)) if config.lora.rank > 0 else params
@@ -180,14 +169,11 @@ class Trainer:
             return to_velocity(out, x, timesteps / 1000.0, prediction)
 
         self.apply = apply
-        self.optimizer = optax.chain(
-            optax.clip_by_global_norm(t.max_grad_norm),
-            optax.adamw(learning_rate(t), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay),
-        )
+        self.optimizer = optim.optimizer(t)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         if abstract:
-            self.state = self._abstract_state(params)
+            self.state = abstract_lib.abstract_state(self, params)
             self._build_jitted()
             return
         copy = lambda tree: jax.tree.map(jnp.copy, tree)
@@ -206,63 +192,6 @@ class Trainer:
         self.state, restored = checkpoint.restore_newest(self.checkpoints, self.state, self.workdir, self.is_main)
         self.metrics = MetricsWriter(self.workdir / "metrics.jsonl", restored, self.is_main,
                                      tensorboard=config.get("tensorboard", True))
-
-    # ------------------------------------------------------------------ abstract mode (flowjax.plan)
-
-    @staticmethod
-    def _placed(state, mesh, rules):
-        """An abstract NNX state with each leaf a ShapeDtypeStruct carrying its NamedSharding."""
-        shardings = sharding_lib.variable_shardings(state, mesh, rules)
-        return jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh), state, shardings)
-
-    def _abstract_state(self, params) -> TrainState:
-        """The TrainState's shapes and shardings: optimizer state as the compiler places it for these params,
-        the method's policies and the EMA copy like the params, counters and key replicated."""
-        sharded_like_params = lambda tree: jax.tree.map(
-            lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding), tree, params)
-        init = jax.jit(self.optimizer.init).lower(params).compile()
-        on_mesh = lambda sh: sh if set(sh.device_set) == set(self.mesh.devices.flat) else self.replicated
-        opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh(sh)),
-                                 jax.eval_shape(self.optimizer.init, params), init.output_shardings)
-        method_state = jax.eval_shape(self.method.init_state, params)
-        method_state = jax.tree.map(lambda sub: sharded_like_params(sub), method_state,
-                                    is_leaf=lambda x: jax.tree.structure(x) == jax.tree.structure(params))
-        scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
-        return TrainState(step=scalar(jnp.int32), opt_step=scalar(jnp.int32), params=params, opt_state=opt_state,
-                          method=method_state, ema=params if self.ema_spec else None,
-                          key=scalar(jnp.uint32, (2,)), nan_steps=scalar(jnp.int32))
-
-    def programs(self, micro_rows: int | None = None, minibatch_rows: int | None = None) -> dict:
-        """The trainer's programs lowered for abstract arguments (one call each, as `train_step` and
-        `evaluate` make them): {"rollout", "reward", "update", "evaluate"} -> `jax.stages.Lowered`.
-        `micro_rows` rows per rollout / reward / evaluation call (default: the config's), `minibatch_rows`
-        rows per update call (default: the config's padded minibatch)."""
-        rows = micro_rows or self.micro_rows or self.batch_size
-        batch = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
-        rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
-        ctx_shape, pooled_shape = self.world.cond_shapes
-        cond = lambda n: Cond(batch((n, *ctx_shape), self.compute_dtype), batch((n, *pooled_shape), self.compute_dtype),
-                              rep(ctx_shape, self.compute_dtype), rep(pooled_shape, self.compute_dtype))
-        ids, key = batch((rows,), jnp.int32), rep((2,), jnp.uint32)
-        window = jax.eval_shape(lambda: self.method.window(0, jax.random.PRNGKey(0)))
-        window = rep(window.shape, window.dtype)
-        sampler = self.method.rollout_spec().sampler
-        sample_params = self.state.params if sampler == "policy" else self.state.method[sampler]
-        args = {"rollout": (sample_params, self.frozen, cond(rows), ids, ids, key, key, window, ids, self.guide_state)}
-        keep, samples = jax.eval_shape(self._rollout, *args["rollout"])
-        keep.pop("source", None)
-        world_state = getattr(self.world, "state", None)
-        args["reward"] = (batch(samples.shape, samples.dtype), batch((samples.shape[0],), jnp.int32), world_state)
-        m = minibatch_rows or self.minibatch_rows
-        mb = {k: batch((m, *v.shape[1:]), v.dtype) for k, v in keep.items()}
-        mb.update(cond=cond(m), advantages=batch((m,), jnp.float32), weights=batch((m,), jnp.float32),
-                  pos=batch((m,), jnp.int32))
-        acc = (self.state.params, rep((), jnp.int32), rep((), jnp.int32))
-        args["update"] = (self.state, acc, self.frozen, self.ref_params, mb, window, key)
-        args["evaluate"] = (self.state.params, self.frozen, cond(rows), ids, key)
-        self._program_args = args
-        programs = {"rollout": self._rollout, "reward": self._score, "update": self._update, "evaluate": self._evaluate}
-        return {name: programs[name].lower(*a) for name, a in args.items()}
 
     # ------------------------------------------------------------------ jitted functions
 
@@ -424,39 +353,9 @@ class Trainer:
         """ODE samples of the evaluation prompts from fixed noise, for the policy (`eval/...`) and, when the
         method keeps one, its EMA copy (`eval_ema/...`): mean reward and strict accuracy (per task too
         when the world names tasks), and a captioned grid of the policy's samples under samples/ if asked."""
-        out = self._evaluate_params(self.state.params, "eval", grid_name)
+        out = evaluation.evaluate_params(self, self.state.params, "eval", grid_name)
         if self.state.ema is not None:
-            out.update(self._evaluate_params(self.state.ema, "eval_ema", None))
-        return out
-
-    def _evaluate_params(self, params, prefix: str, grid_name: str | None) -> dict:
-        ids, n = self.eval_prompt_ids()
-        world = self.eval_world
-        k_noise, samples, scores = jax.random.PRNGKey(10_000 + self.config.seed), [], []
-        for rows in self._micro_batches(len(ids)):
-            samples.append(self._evaluate(params, self.frozen, self._cond(ids[rows], world),
-                                          self._global(rows.astype(np.int32)), k_noise))
-            scores.append(jax.device_get(self._eval_scores(samples[-1], self._global(ids[rows].astype(np.int32)),
-                                                           getattr(world, "state", None))))
-        samples = samples[0]  # the grid shows the first micro-batch's samples
-        scores = {k: np.concatenate([sc[k] for sc in scores]) for k in scores[0]}
-        out = {f"{prefix}/{k}_mean" if k == "reward" else f"{prefix}/{k}": float(np.nanmean(v[:n]))
-               for k, v in scores.items()}
-        if "accuracy" in scores and hasattr(world, "task_names"):
-            tasks = np.asarray(world.task_names(ids[:n]))
-            for task in dict.fromkeys(tasks):
-                out[f"{prefix}/accuracy_{task}"] = float(np.mean(scores["accuracy"][:n][tasks == task]))
-        if grid_name and hasattr(world, "images"):
-            g = min(self.config.get("grid_size", 32), len(samples))
-            # Every process joins the replicated gather (multi-host); only process 0 draws.
-            to_images = jax.jit(lambda x: world.images(x[:g]), out_shardings=self.replicated)
-            images = np.asarray(jax.device_get(to_images(samples)))
-            if self.is_main:
-                correct = scores["accuracy"][:g] if "accuracy" in scores else None
-                title = f"step {int(self.state.step)}" + (
-                    f": accuracy {out[f'{prefix}/accuracy']:.2f}" if f"{prefix}/accuracy" in out else "")
-                plots.save_grid(images, world.captions(ids[:g]), self.workdir / "samples" / grid_name,
-                                correct=correct, title=title)
+            out.update(evaluation.evaluate_params(self, self.state.ema, "eval_ema", None))
         return out
 
     def _dp(self):
