@@ -40,6 +40,7 @@ from flowjax.models.prediction import check_prediction, to_velocity
 from flowjax.rl import advantages as adv_lib
 from flowjax.rl.ema import eval_ema_step
 from flowjax.rl.method import Cond, Context, build_method, velocity
+from flowjax.rl.rollout_store import RolloutStore
 from flowjax.worlds import check_world
 
 
@@ -180,6 +181,13 @@ class Trainer:
         self.eval_sigmas = sampling.sigmas(s.eval_num_steps, s.shift)
         self.ema_spec = self.method.eval_ema()
         self.nfes = self.method.nfes(self.batch_size)
+        # Offline methods train on a fixed dataset sampled once (Method.offline_batches): no rollout per epoch;
+        # the dataset's cost is logged once, as nfe/dataset, at the epoch that samples it.
+        self.offline_batches = self.method.offline_batches()
+        self._stored = None
+        if self.offline_batches:
+            self.dataset_nfes_per_batch = self.nfes["rollout"]
+            self.nfes = {**self.nfes, "rollout": 0}
 
         # Trainable vs frozen; the reference policy is LoRA off (zero adapters) or the initial weights.
         if config.lora.rank > 0:
@@ -245,16 +253,19 @@ class Trainer:
             v = lambda x, sig: velocity(apply_with(frozen), params, x, sig, cond, float(s.eval_guidance))
             return sampling.rollout(v, noise, self.eval_sigmas, kind="ode").latents[-1]
 
-        @jax.jit
-        def score(samples, prompt_ids, group_ids, world_state, keep):
+        def from_scores(scores, group_ids, keep):
             """Rewards -> the method's advantages over the global batch, and the reward statistics to log."""
-            scores = world_scores(self.world, samples, prompt_ids, world_state)
+            scores = dict(scores)
             rewards = scores.pop("reward")
             advantages = method.advantages(rewards, group_ids, t.prompts_per_batch, keep)
             stats = adv_lib.group_reward_stats(rewards, group_ids, num_groups=t.prompts_per_batch)
             return advantages, {"reward/mean": rewards.mean(), "reward/std": rewards.std(),
                                 **{f"reward/{k}": jnp.nanmean(v) for k, v in scores.items()},
                                 **{f"group/{k}": v for k, v in stats.items()}}
+
+        @jax.jit
+        def score(samples, prompt_ids, group_ids, world_state, keep):
+            return from_scores(world_scores(self.world, samples, prompt_ids, world_state), group_ids, keep)
 
         @functools.partial(jax.jit, out_shardings=self.replicated)  # every process reads the same plan
         def plan(advantages, key):
@@ -310,6 +321,11 @@ class Trainer:
         zeros = jax.jit(lambda p: (jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
         self._rollout, self._evaluate, self._update, self._end_of_epoch = rollout, evaluate, update, end_of_epoch
         self._score, self._plan, self._eval_scores, self._zero_acc = score, plan, eval_scores, zeros
+        self._from_scores = jax.jit(from_scores)
+        # Offline datasets: world scores and kept arrays of a rollout, replicated so every process can read them.
+        self._world_scores = jax.jit(lambda samples, prompt_ids, world_state: world_scores(
+            self.world, samples, prompt_ids, world_state), out_shardings=self.replicated)
+        self._replicate = jax.jit(lambda tree: tree, out_shardings=self.replicated)
 
     # ------------------------------------------------------------------ data
 
@@ -397,17 +413,28 @@ class Trainer:
         key = jax.random.fold_in(self.state.key, step)
         k_noise, k_sample, k_window, k_perm, k_train = jax.random.split(key, 5)
         window = self.method.window(step, k_window)
-        cond = self._cond(prompt_ids)
-        sampler = self.method.rollout_spec().sampler
-        sample_params = self.state.params if sampler == "policy" else self.state.method[sampler]
-        t0 = time.perf_counter()
-        keep, samples = self._rollout(sample_params, self.frozen, cond,
-                                      self._noise(k_noise, self.batch_size, group_ids), k_sample, window)
-        # Scored rows: the batch's, or the method's own (keep["source"] maps each to its batch row).
-        source = np.asarray(jax.device_get(keep.pop("source"))) if "source" in keep else np.arange(self.batch_size)
-        advantages, reward_metrics = self._score(samples, self._global(prompt_ids[source].astype(np.int32)),
-                                                 self._global(group_ids[source].astype(np.int32)),
-                                                 getattr(self.world, "state", None), keep)
+        dataset_metrics = {}
+        if self.offline_batches:  # offline: the epoch's rows come from the stored dataset, nothing is sampled
+            t0 = time.perf_counter()
+            dataset_metrics = self._prepare_stored_rollouts()
+            prompt_ids, group_ids, keep, scores = self._stored.epoch(step)
+            cond = self._cond(prompt_ids)
+            keep = {k: self._global(v) for k, v in keep.items()}
+            source = np.arange(len(prompt_ids))
+            advantages, reward_metrics = self._from_scores({k: self._global(v) for k, v in scores.items()},
+                                                           self._global(group_ids.astype(np.int32)), keep)
+        else:
+            cond = self._cond(prompt_ids)
+            sampler = self.method.rollout_spec().sampler
+            sample_params = self.state.params if sampler == "policy" else self.state.method[sampler]
+            t0 = time.perf_counter()
+            keep, samples = self._rollout(sample_params, self.frozen, cond,
+                                          self._noise(k_noise, self.batch_size, group_ids), k_sample, window)
+            # Scored rows: the batch's, or the method's own (keep["source"] maps each to its batch row).
+            source = np.asarray(jax.device_get(keep.pop("source"))) if "source" in keep else np.arange(self.batch_size)
+            advantages, reward_metrics = self._score(samples, self._global(prompt_ids[source].astype(np.int32)),
+                                                     self._global(group_ids[source].astype(np.int32)),
+                                                     getattr(self.world, "state", None), keep)
         t_sample = time.perf_counter() - t0
 
         order, weights = (np.asarray(a) for a in jax.device_get(self._plan(advantages, k_perm)))
@@ -429,10 +456,61 @@ class Trainer:
         metrics.update(reward_metrics)
         metrics.update({k: float(v) for k, v in epoch_metrics.items()})
         metrics.update({f"nfe/{k}": v for k, v in self.nfes.items()})
+        metrics.update(dataset_metrics)
         metrics.update({"train/kept_fraction": float(weights.mean()), "train/opt_steps": int(self.state.opt_step),
                         "time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0,
                         "nan_steps": self.state.nan_steps})
         return metrics
+
+    def _prepare_stored_rollouts(self) -> dict:
+        """Offline methods (`Method.offline_batches`): samples the fixed dataset's missing batches with the
+        REFERENCE policy (the method's rollout of the batches of epochs 0..n-1, from the same keys an online run
+        would use), scores them and writes them to WORKDIR/rollouts/ (process 0; a shared filesystem on several
+        hosts), then loads the dataset once. Returns the one-time cost to log (nfe/dataset, time/dataset_s,
+        images/sampled; 0 images once the dataset is there)."""
+        if self._stored is not None:
+            return {"images/sampled": 0}
+        t = self.config.train
+        spec = self.method.rollout_spec()
+        store = RolloutStore(self.workdir / "rollouts", dict(
+            num_batches=self.offline_batches, prompts_per_batch=t.prompts_per_batch, group_size=t.group_size,
+            seed=int(self.config.seed), num_prompts=int(self.world.num_prompts), method=self.config.method,
+            rollout=repr(spec), num_steps=int(self.config.sample.num_steps),
+            latent_shape=[*self.config.sample.latent_size, int(self.world.channels)]))
+        if self.is_main:
+            store.check_meta()
+        todo = np.asarray(store.missing(), np.int32)
+        if jax.process_count() > 1:  # every process must join the same rollouts: take process 0's view
+            from jax.experimental import multihost_utils
+
+            flags = np.zeros(self.offline_batches, np.int32)
+            flags[todo] = 1
+            todo = np.flatnonzero(multihost_utils.broadcast_one_to_all(flags)).astype(np.int32)
+        t0 = time.perf_counter()
+        for i in todo:
+            i = int(i)
+            prompt_ids, group_ids = self.sampler.batch(i)
+            k_noise, k_sample, k_window, _, _ = jax.random.split(jax.random.fold_in(self.state.key, i), 5)
+            window = self.method.window(i, k_window)
+            keep, samples = self._rollout(self.ref_params, self.frozen, self._cond(prompt_ids),
+                                          self._noise(k_noise, self.batch_size, group_ids), k_sample, window)
+            if "source" in keep:
+                raise ValueError(f"{self.config.method}: offline datasets keep one row per batch row; a rollout "
+                                 "that scores its own rows (keep['source']) cannot be stored")
+            scores = self._world_scores(samples, self._global(prompt_ids.astype(np.int32)),
+                                        getattr(self.world, "state", None))
+            keep, scores = jax.device_get(self._replicate((keep, scores)))
+            if self.is_main:
+                store.write(i, prompt_ids, group_ids, keep, scores)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("flowjax rollout dataset written")
+        self._stored = store.load()
+        if not len(todo):
+            return {"images/sampled": 0}
+        return {"nfe/dataset": len(todo) * self.dataset_nfes_per_batch, "time/dataset_s": time.perf_counter() - t0,
+                "images/sampled": len(todo) * self.batch_size}
 
     def train(self, num_steps: int | None = None) -> None:
         """Runs to `train.steps` (or `num_steps` more). Evaluates before the first update, every

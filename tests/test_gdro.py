@@ -1,0 +1,266 @@
+"""GDRO (arXiv 2601.02036; no public code): the ranking loss against a float64 NumPy re-derivation of the
+paper's Plackett-Luce loss with soft targets, its reduction to Diffusion-DPO (Wallace et al. 2023, eq. 14, in
+flow-matching form), the implicit rewards and gradients of the method on the tiny linear model of
+tests/test_methods.py, the (t, eps) draws, whole groups in every minibatch, and the offline mode's dataset
+(written once, reused on resume, no sampling while training) on the toy world."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import toy
+from flowjax import sharding
+from flowjax.data.sampler import KRepeatSampler
+from flowjax.rl import gdro as gdro_lib
+from flowjax.rl.method import Context, velocity
+from flowjax.rl.trainer import validate
+from flowjax.train import build
+from test_methods import PARAMS, REF, cond, linear_apply  # noqa: F401  (the tiny linear velocity model)
+
+# ----------------------------------------------------------------------------- float64 NumPy re-derivations
+
+
+def np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+def np_gdro_loss(s, r, tau):
+    """The paper's ranking loss, item by item: rank the group by reward (best first, ties in row order); at
+    each stage the target over the items not yet ranked is softmax(r / tau) over them, the model's
+    softmax(s) over them; the loss is the sum of the stages' cross-entropies, averaged over groups."""
+    s, r = np.asarray(s, np.float64), np.asarray(r, np.float64)
+    losses, grads = [], np.zeros_like(s)
+    for g in range(s.shape[0]):
+        order = np.argsort(-r[g], kind="stable")
+        total = 0.0
+        for j in range(s.shape[1] - 1):
+            rest = order[j:]
+            p = np.exp(np_log_softmax(r[g, rest] / tau))
+            log_q = np_log_softmax(s[g, rest])
+            total -= np.sum(p * log_q)
+            grads[g, rest] += np.exp(log_q) - p  # d CE / d s over the remaining items
+        losses.append(total)
+    return np.mean(losses), grads / s.shape[0]
+
+
+def np_errors(v, target):
+    d = np.asarray(v, np.float64) - np.asarray(target, np.float64)
+    return (d**2).reshape(len(d), -1).mean(1)
+
+
+# ----------------------------------------------------------------------------- the ranking loss
+
+
+@pytest.mark.parametrize("groups, k, tau", [(1, 2, 0.05), (3, 6, 0.05), (4, 5, 1.0), (2, 8, 0.3), (5, 3, 10.0)])
+def test_gdro_loss_against_numpy(groups, k, tau):
+    rng = np.random.default_rng(groups * 100 + k)
+    s = rng.normal(scale=2.0, size=(groups, k))
+    r = np.round(rng.uniform(size=(groups, k)), 1)  # rounded: ties occur
+    ours, grad = jax.value_and_grad(gdro_lib.gdro_loss)(jnp.asarray(s, jnp.float32), jnp.asarray(r, jnp.float32), tau)
+    ref, ref_grad = np_gdro_loss(s, r, tau)
+    np.testing.assert_allclose(float(ours), ref, rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_reduces_to_diffusion_dpo_for_two_images():
+    """k = 2, tau -> 0: the target is the winner and the loss is -log sigmoid(s_w - s_l); with the implicit
+    rewards of velocities it is Diffusion-DPO's eq. 14 (Wallace et al. 2023) in flow-matching form,
+    -log sigmoid(-beta [(|v_w - v_theta(x_w)|^2 - |v_w - v_ref(x_w)|^2) - (same for l)]), beta T omega(lambda_t)
+    folded into beta (SalesforceAIResearch/DiffusionDPO train.py takes its errors as means over the pixels)."""
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(7, 2))
+    r = rng.uniform(size=(7, 2))
+    w, l = np.argmax(r, 1), np.argmin(r, 1)
+    rows = np.arange(7)
+    dpo = np.mean(np.logaddexp(0.0, -(s[rows, w] - s[rows, l])))  # -log sigmoid(s_w - s_l)
+    ours = gdro_lib.gdro_loss(jnp.asarray(s, jnp.float32), jnp.asarray(r, jnp.float32), 1e-6)
+    np.testing.assert_allclose(float(ours), dpo, rtol=1e-6)
+
+    # The whole objective (gamma 0) on velocities: 3 pairs of 4x4x3 "images".
+    beta = 6.0
+    target, v_theta, v_ref = (rng.normal(size=(6, 4, 4, 3)) for _ in range(3))
+    rewards = np.asarray([0.9, 0.1, 0.2, 0.7, 1.0, 0.0])
+    loss, metrics = gdro_lib.gdro_objective(*(jnp.asarray(a, jnp.float32) for a in (v_theta, v_ref, target, rewards)),
+                                            group_size=2, beta=beta, tau=1e-6, gamma=0.0)
+    e_t, e_r = np_errors(v_theta, target), np_errors(v_ref, target)
+    terms = []
+    for a, b in ((0, 1), (2, 3), (4, 5)):
+        win, lose = (a, b) if rewards[a] > rewards[b] else (b, a)
+        inside = -beta * ((e_t[win] - e_r[win]) - (e_t[lose] - e_r[lose]))
+        terms.append(np.logaddexp(0.0, -inside))
+    np.testing.assert_allclose(float(loss), np.mean(terms), rtol=1e-5)
+    assert float(metrics["fm_loss"]) > 0 and float(metrics["loss"]) == pytest.approx(float(metrics["rank_loss"]))
+
+
+def test_loss_refuses_bad_input():
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        gdro_lib.gdro_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 0.0)
+    with pytest.raises(ValueError, match=r"\[groups, k\]"):
+        gdro_lib.gdro_loss(jnp.zeros((6,)), jnp.zeros((6,)), 0.05)
+
+
+# ----------------------------------------------------------------------------- the method on the linear model
+
+
+def gdro_method(**section):
+    c = toy.get_config("gdro")
+    c.train.update(prompts_per_batch=3, group_size=2, minibatches=1)
+    c.gdro.update(section)
+    from flowjax.rl.method import build_method
+
+    validate(c)
+    return build_method(c), c
+
+
+def np_objective(params, x0, t, eps, rewards, cd, beta, tau, gamma, k):
+    """float64 NumPy GDRO objective of the linear model at one draw: implicit rewards, ranking loss, and the
+    flow-matching error of each group's best image."""
+    w, b = (np.asarray(params[n], np.float64) for n in ("w", "b"))
+    x0, eps, t = np.asarray(x0, np.float64), np.asarray(eps, np.float64), np.asarray(t, np.float64)
+    pooled = np.asarray(cd.pooled, np.float64)
+    tt = t.reshape(-1, 1, 1, 1)
+    x_t = (1 - tt) * x0 + tt * eps
+    lin = lambda w_, b_: x_t * w_ + pooled[:, None, None, :] * b_ + tt * 0.3
+    target = eps - x0
+    e_theta = np_errors(lin(w, b), target)
+    e_ref = np_errors(lin(np.asarray(REF["w"], np.float64), np.asarray(REF["b"], np.float64)), target)
+    s = -beta * (e_theta - e_ref)
+    rank, _ = np_gdro_loss(s.reshape(-1, k), np.asarray(rewards).reshape(-1, k), tau)
+    best = np.argmax(np.asarray(rewards).reshape(-1, k), 1)
+    fm = np.mean(e_theta.reshape(-1, k)[np.arange(len(best)), best])
+    return rank + gamma * fm, s
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_grads_against_numpy_on_the_linear_model(shared):
+    """The method's loss, implicit rewards and gradient on the linear velocity model of test_methods.py against
+    float64 NumPy (the gradient by central differences), at the method's own (t, eps) draws."""
+    beta, tau, gamma, k = 6.0, 0.05, 1.0, 2
+    method, c = gdro_method(beta=beta, tau=tau, gamma=gamma, num_train_timesteps=1, shared_noise=shared)
+    cd = cond()
+    x0 = jax.random.normal(jax.random.key(4), (6, 4, 4, 3))
+    rewards = jnp.asarray([0.2, 0.9, 0.5, 0.5, 1.0, 0.0])
+    mb = {"x0": x0, "cond": cd, "advantages": method.advantages(rewards, jnp.asarray([0, 0, 1, 1, 2, 2]), 3, {}),
+          "weights": jnp.ones((6,))}
+    sig = method.schedule(c.sample.num_steps, c.sample.shift)
+    key = jax.random.key(7)
+    grads, metrics = method.grads(Context(linear_apply, REF, sig), PARAMS, None, mb, None, key)
+    t, eps = gdro_lib.gdro_draws(key, 3, k, x0.shape[1:], num_draws=1, shared=shared)
+    ref_loss, s = np_objective(PARAMS, x0, t[0], eps[0], rewards, cd, beta, tau, gamma, k)
+    np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["implicit_reward_mean"]), s.mean(), rtol=1e-4, atol=1e-6)
+    assert set(metrics) == set(method.metric_names)
+    h = 1e-5
+    for name in ("w", "b"):
+        for i in range(3):
+            up, down = ({**PARAMS, name: np.asarray(PARAMS[name], np.float64).copy()} for _ in range(2))
+            up[name][i] += h
+            down[name][i] -= h
+            fd = (np_objective(up, x0, t[0], eps[0], rewards, cd, beta, tau, gamma, k)[0]
+                  - np_objective(down, x0, t[0], eps[0], rewards, cd, beta, tau, gamma, k)[0]) / (2 * h)
+            np.testing.assert_allclose(float(grads[name][i]), fd, rtol=2e-3, atol=1e-5, err_msg=f"{name}[{i}]")
+
+
+def test_implicit_reward_sign_and_scale():
+    """s = -beta (|v - v_theta|^2 - |v - v_ref|^2): 0 for the reference itself, beta |v - v_ref|^2 for a policy
+    that predicts the target exactly, negative for one that fits worse than the reference."""
+    cd = cond()
+    x_t = jax.random.normal(jax.random.key(1), (6, 4, 4, 3))
+    target = jax.random.normal(jax.random.key(2), (6, 4, 4, 3))
+    tt = jnp.full((6,), 500.0)
+    v_ref = linear_apply(REF, x_t, tt, cd.ctx, cd.pooled)
+    v_pol = linear_apply(PARAMS, x_t, tt, cd.ctx, cd.pooled)
+    e_ref = np_errors(v_ref, target)
+    np.testing.assert_allclose(np.asarray(gdro_lib.implicit_rewards(v_ref, v_ref, target, 6.0)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gdro_lib.implicit_rewards(target, v_ref, target, 6.0)), 6.0 * e_ref,
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gdro_lib.implicit_rewards(v_pol, v_ref, target, 12.0)),
+                               -12.0 * (np_errors(v_pol, target) - e_ref), rtol=1e-4, atol=1e-6)
+    worse = gdro_lib.implicit_rewards(v_ref + 1.0, v_ref, target, 6.0)
+    assert np.all(np.asarray(worse) < np.asarray(gdro_lib.implicit_rewards(v_ref, v_ref, target, 6.0)) + 1e-6)
+
+
+def test_shared_and_independent_draws():
+    sig = jnp.linspace(1.0, 0.0, 9)
+    t, eps = gdro_lib.gdro_draws(jax.random.key(0), 3, 4, (2, 2, 1), num_draws=5, shared=True)
+    assert t.shape == (5, 12) and eps.shape == (5, 12, 2, 2, 1)
+    tg, eg = t.reshape(5, 3, 4), eps.reshape(5, 3, 4, -1)
+    assert np.all(tg == tg[:, :, :1]) and np.all(eg == eg[:, :, :1])  # the same t, eps within a group
+    assert len(np.unique(np.asarray(tg[:, :, 0]))) == 15  # and fresh ones per group and draw
+    t, eps = gdro_lib.gdro_draws(jax.random.key(0), 3, 4, (2, 2, 1), num_draws=5, shared=False)
+    assert len(np.unique(np.asarray(t))) == 60 and len(np.unique(np.asarray(eps[:, :, 0, 0, 0]))) == 60
+    t, _ = gdro_lib.gdro_draws(jax.random.key(1), 50, 2, (1,), num_draws=4, timesteps="schedule", sigmas=sig,
+                               timestep_fraction=0.5)
+    assert set(np.round(np.asarray(t), 6).ravel()) == set(np.round(np.asarray(sig[:4]), 6))
+
+
+def test_minibatches_hold_whole_groups():
+    prompts_per_batch, k, minibatches = 6, 4, 3
+    _, groups = KRepeatSampler(20, prompts_per_batch, k, seed=3).batch(5)
+    order, weights = gdro_lib.group_plan(jnp.asarray(groups, jnp.float32), jax.random.key(0), k)
+    order = np.asarray(order)
+    assert sorted(order.tolist()) == list(range(24)) and np.all(np.asarray(weights) == 1.0)
+    for mb in order.reshape(minibatches, -1):
+        g = groups[mb].reshape(-1, k)
+        assert np.all(g == g[:, :1])  # consecutive rows of one group
+    c = toy.get_config("gdro")
+    c.train.update(prompts_per_batch=4, minibatches=8)
+    with pytest.raises(ValueError, match="whole groups"):
+        validate(c)
+    c = toy.get_config("gdro")
+    c.gdro.tau = 0.0
+    with pytest.raises(ValueError, match="tau > 0"):
+        validate(c)
+
+
+# ----------------------------------------------------------------------------- offline mode on the toy world
+
+
+def single_device_mesh():
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def test_offline_dataset_is_sampled_once_and_reused(tmp_path):
+    """gdro_offline: the dataset (offline_batches batches sampled by the reference policy) is written to
+    WORKDIR/rollouts/ at the first epoch, its cost logged once; a resumed run reuses the files and samples
+    nothing; a run with other settings is refused."""
+    c = toy.get_config("gdro_offline")
+    c.train.update(steps=3, prompts_per_batch=2, group_size=4)
+    c.gdro.offline_batches = 3
+    c.eval_every = c.checkpoint_every = 2
+    trainer = build(c, tmp_path, mesh=single_device_mesh())
+    trainer.train(num_steps=2)
+    trainer.close()
+    files = sorted((tmp_path / "rollouts").glob("batch_*.npz"))
+    assert [f.name for f in files] == [f"batch_{i:06d}.npz" for i in range(3)]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    with np.load(files[0]) as f:
+        assert f["keep/x0"].shape == (8, 8, 8, 4) and f["scores/reward"].shape == (8,)
+        np.testing.assert_array_equal(f["group_ids"], KRepeatSampler(8, 2, 4, seed=0).batch(0)[1])
+
+    trainer = build(c, tmp_path, mesh=single_device_mesh())  # resumes at step 2
+    calls = []
+    rollout = trainer._rollout
+    trainer._rollout = lambda *a: calls.append(1) or rollout(*a)
+    trainer.train()
+    trainer.close()
+    assert not calls and [f.stat().st_mtime_ns for f in files] == stamps
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    per_batch = c.sample.num_steps * 2 * 8  # CFG pair x 8 images
+    assert rows[1]["nfe/dataset"] == 3 * per_batch and rows[1]["images/sampled"] == 24
+    assert all("nfe/dataset" not in r and r["images/sampled"] == 0 and r["nfe/rollout"] == 0 for r in rows[2:])
+    assert all(np.isfinite(r["loss"]) for r in rows[1:])
+
+    c.gdro.offline_batches = 4
+    trainer = build(c, tmp_path, mesh=single_device_mesh())
+    try:
+        with pytest.raises(ValueError, match="sampled with other settings"):
+            trainer._prepare_stored_rollouts()
+    finally:
+        trainer.close()
