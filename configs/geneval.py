@@ -1,7 +1,7 @@
 """RL of Stable Diffusion 3.5 Medium on GenEval (compositional prompts, scored by a GenEval reward server).
 
   # 1. the GenEval reward server of Flow-GRPO (github.com/yifan123/reward-server, app_geneval.py), on port 18085
-  # 2. train (Flow-GRPO by default; :cps, :cps_fast, :awm, :nft for the other methods):
+  # 2. train (Flow-GRPO by default; :cps, :cps_fast, :awm, :nft, :gdro, :gdro_offline for the others):
   python -m flowjax.train --config=configs/geneval.py --workdir=runs/geneval \\
       --config.world.model=/path/to/stable-diffusion-3.5-medium
   python -m flowjax.train --config=configs/geneval.py:awm --workdir=runs/geneval_awm \\
@@ -32,6 +32,14 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
 - nft, DiffusionNFT `config/nft.py:sd3_geneval`: CFG-free 10-step dpm2 rollouts with the old policy, 48 x 24 in
   16 minibatches of 72, one optimizer step per epoch, mix b 1.0, KL 1e-4, old-policy decay type 1, EMA copy
   0.9 per optimizer step, evaluation every 10 epochs.
+- gdro, GDRO (arXiv 2601.02036; no public code): ODE rollouts (CFG 4.5, 10 steps) of k = 6 images per prompt,
+  48 prompts per epoch in 4 minibatches of 12 whole groups, two optimizer steps per epoch; the soft-target
+  Plackett-Luce loss (tau 0.05) of the implicit rewards (beta 6 x Diffusion-DPO's T = 1000) plus
+  1.0 x the flow-matching loss of each group's best image, one (t, eps) draw shared by a group per minibatch.
+  The paper's GenEval values are k, tau, beta and gamma; the rest is chosen (flowjax/recipes.py, flowjax/rl/gdro.py).
+- gdro_offline, GDRO's offline mode: the same loss on a fixed dataset of 32 batches (1536 prompts x 6 images,
+  40-step ODE samples of the base model) sampled and scored once into WORKDIR/rollouts/, then trained on for
+  every epoch without sampling; a resumed run reuses the dataset.
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
 eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages, 512 px, T5 length 128.
 What still differs from the references, and why:

@@ -5,9 +5,11 @@ objects, scored by the verifiable reward of flowjax.rewards.shapes. Runs on a la
   python -m flowjax.train --config=configs/shapes.py:grpo --workdir=runs/shapes_grpo    # Flow-GRPO
 Variants: grpo (Flow-GRPO, SDE sampler), cps (coefficients-preserving sampler), mixgrpo (SDE window),
 dance (DanceGRPO: its schedule and kernel, a random 60% of the steps per sample), awm (advantage weighted
-matching), nft (DiffusionNFT). Evaluation is strict accuracy on the held-out
-prompts with ODE sampling from fixed noise (`eval/accuracy` in metrics.jsonl), before the first update
-and every `eval_every` steps; grids of the held-out samples go to samples/.
+matching), nft (DiffusionNFT), gdro (GDRO online: ODE rollouts, the paper's k = 6 images per prompt),
+gdro_offline (GDRO offline: a fixed dataset sampled once by the base model in WORKDIR/rollouts/). Evaluation
+is strict accuracy on the held-out prompts with ODE sampling from fixed noise (`eval/accuracy` in
+metrics.jsonl), before the first update and every `eval_every` steps; grids of the held-out samples go to
+samples/.
 """
 
 import ml_collections
@@ -15,7 +17,7 @@ import ml_collections
 from flowjax import sharding
 from flowjax.rl.method import method_class
 
-VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft")
+VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft", "gdro", "gdro_offline")
 
 
 def get_config(arg: str = "nft"):
@@ -24,7 +26,7 @@ def get_config(arg: str = "nft"):
         raise ValueError(f"unknown variant {arg!r}; choose one of {VARIANTS}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.method = {"cps": "grpo", "mixgrpo": "grpo", "dance": "grpo"}.get(arg, arg)
+    c.method = {"cps": "grpo", "mixgrpo": "grpo", "dance": "grpo", "gdro_offline": "gdro"}.get(arg, arg)
     c.variant = arg
     c.dtype = "float32"  # CPU: fp32 is faster than emulated bf16
     c.world = dict(name="shapes", base="")  # "" = the base model shipped in flowjax/assets/shapes_base
@@ -80,6 +82,11 @@ def get_config(arg: str = "nft"):
     elif c.method == "awm":
         # |A| clipped to 1 then scaled by 5 (adv_scale 1, advantage_max 5): the shapes recipe, not the published one.
         m.update(num_train_timesteps=4, beta=0.3, adv_scale=1.0, adv_clip=5.0)
+    elif c.method == "gdro":
+        # The paper's k = 6, tau 0.05 and GenEval's beta 6 / gamma 1.0; 8 prompts x 6 = the other variants' 48 images.
+        t.prompts_per_batch, t.group_size = 8, 6
+        m.update(guidance=1.0, timesteps="schedule", num_train_timesteps=4, offline=arg == "gdro_offline",
+                 offline_batches=25)
     else:
         m.update(kl_beta=0.3)
 

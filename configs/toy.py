@@ -2,8 +2,9 @@
 
   python -m flowjax.train --config=configs/toy.py:grpo --workdir=runs/toy
 Variants: grpo (Flow-GRPO, sde), cps, mixgrpo (SDE window), dance, awm, nft, gdro (GDRO online: ODE rollouts),
-gdro_offline (GDRO's offline mode: 4 batches sampled once by the reference model, then trained on). It exercises the whole
-RL core (sampling, advantages, losses, LoRA, sharding, checkpoints) in seconds per step on a CPU.
+gdro_offline (GDRO's offline mode: 4 batches sampled once by the reference model, then trained on). It
+exercises the whole RL core (sampling, advantages, losses, LoRA, sharding, checkpoints) in seconds per step
+on a CPU.
 """
 
 import ml_collections

@@ -76,6 +76,11 @@ def test_every_variant_builds_and_validates(name, variant):
         assert (m.p, m.ema_beta, m.clip_range, m.adv_scale, m.adv_clip, m.num_train_timesteps) == (
             0.25, 1.0, 1.0, 5.0, 1.0, 6)
         assert m.eval_ema.to_dict() == {"decay": 0.99, "every": 1, "cadence": "epoch"}
+    elif c.method == "gdro":  # GDRO arXiv 2601.02036 (k, tau, beta, gamma; the rest chosen: flowjax/recipes.py)
+        assert (c.train.group_size, m.tau, m.solver, m.shared_noise) == (6, 0.05, "ode", True)
+        assert (m.beta, m.gamma) == {"geneval": (6.0, 1.0), "ocr": (12.0, 0.5)}[name]
+        assert m.offline == (variant == "gdro_offline") and c.train.prompts_per_batch % c.train.minibatches == 0
+        assert c.sample.num_steps == (40 if m.offline else 10) and "eval_ema" not in m and c.eval_every == 60
     else:  # DiffusionNFT config/nft.py (24af555)
         assert c.sample.num_steps == 10 and m.guidance == c.sample.eval_guidance == 1.0 and c.eval_every == 10
         assert (m.mix, m.decay_type, steps_per_epoch) == {"geneval": (1.0, 1, 1), "ocr": (0.1, 2, 2),
@@ -274,6 +279,27 @@ def test_ocr_nft_one_step(tiny, servers, tmp_path):
     ref_ctx, ref_pooled = world._encode_texts([world.prompts[1].prompt, world.prompts[0].prompt])
     np.testing.assert_allclose(np.asarray(ctx, np.float32)[:2], np.asarray(ref_ctx, np.float32), atol=1e-5)
     np.testing.assert_allclose(np.asarray(pooled, np.float32)[2], np.asarray(ref_pooled, np.float32)[0], atol=1e-5)
+
+
+def test_geneval_gdro_one_step(tiny, servers, tmp_path):
+    """GDRO online: ODE rollouts with CFG, raw GenEval rewards ranked within each group."""
+    c = shrink(geneval.get_config("gdro"), tiny["model"])
+    c.world.generate_train, c.world.generate_test = 4, 1
+    c.reward.url = servers["geneval"].url
+    trainer, rows = run_one_step(c, tmp_path)
+    assert rows[1]["nfe/rollout"] > 0 and math.isfinite(rows[1]["rank_loss"]) and rows[1]["fm_loss"] > 0
+
+
+def test_ocr_gdro_offline_one_step(tiny, servers, tmp_path):
+    """GDRO offline: the dataset (one batch here) sampled by the base model and scored into WORKDIR/rollouts/,
+    then one training step on it."""
+    c = shrink(ocr.get_config("gdro_offline"), tiny["model"])
+    c.world.prompts = str(tiny["ocr"])
+    c.reward.url = servers["ocr"].url + "/score"
+    c.gdro.offline_batches = 1
+    trainer, rows = run_one_step(c, tmp_path)
+    assert rows[1]["nfe/rollout"] == 0 and rows[1]["nfe/dataset"] > 0 and rows[1]["images/sampled"] == 4
+    assert (tmp_path / "rollouts" / "batch_000000.npz").is_file()
 
 
 def test_pickscore_awm_one_step(tiny, tmp_path):

@@ -20,6 +20,12 @@ from flowjax.rl.trainer import validate
 from flowjax.train import build
 from test_methods import PARAMS, REF, cond, linear_apply  # noqa: F401  (the tiny linear velocity model)
 
+# Jitted once per shape (eager JAX compiles every primitive separately: slow on a busy CPU).
+loss_and_grad = jax.jit(jax.value_and_grad(gdro_lib.gdro_loss), static_argnums=2)
+objective = jax.jit(gdro_lib.gdro_objective, static_argnames=("group_size", "beta", "tau", "gamma"))
+draws = jax.jit(gdro_lib.gdro_draws, static_argnums=(1, 2, 3),
+                static_argnames=("num_draws", "shared", "timesteps", "timestep_fraction"))
+
 # ----------------------------------------------------------------------------- float64 NumPy re-derivations
 
 
@@ -61,7 +67,7 @@ def test_gdro_loss_against_numpy(groups, k, tau):
     rng = np.random.default_rng(groups * 100 + k)
     s = rng.normal(scale=2.0, size=(groups, k))
     r = np.round(rng.uniform(size=(groups, k)), 1)  # rounded: ties occur
-    ours, grad = jax.value_and_grad(gdro_lib.gdro_loss)(jnp.asarray(s, jnp.float32), jnp.asarray(r, jnp.float32), tau)
+    ours, grad = loss_and_grad(jnp.asarray(s, jnp.float32), jnp.asarray(r, jnp.float32), tau)
     ref, ref_grad = np_gdro_loss(s, r, tau)
     np.testing.assert_allclose(float(ours), ref, rtol=2e-6)
     np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-6)
@@ -78,15 +84,15 @@ def test_reduces_to_diffusion_dpo_for_two_images():
     w, l = np.argmax(r, 1), np.argmin(r, 1)
     rows = np.arange(7)
     dpo = np.mean(np.logaddexp(0.0, -(s[rows, w] - s[rows, l])))  # -log sigmoid(s_w - s_l)
-    ours = gdro_lib.gdro_loss(jnp.asarray(s, jnp.float32), jnp.asarray(r, jnp.float32), 1e-6)
+    ours, _ = loss_and_grad(jnp.asarray(s, jnp.float32), jnp.asarray(r, jnp.float32), 1e-6)
     np.testing.assert_allclose(float(ours), dpo, rtol=1e-6)
 
     # The whole objective (gamma 0) on velocities: 3 pairs of 4x4x3 "images".
     beta = 6.0
     target, v_theta, v_ref = (rng.normal(size=(6, 4, 4, 3)) for _ in range(3))
     rewards = np.asarray([0.9, 0.1, 0.2, 0.7, 1.0, 0.0])
-    loss, metrics = gdro_lib.gdro_objective(*(jnp.asarray(a, jnp.float32) for a in (v_theta, v_ref, target, rewards)),
-                                            group_size=2, beta=beta, tau=1e-6, gamma=0.0)
+    loss, metrics = objective(*(jnp.asarray(a, jnp.float32) for a in (v_theta, v_ref, target, rewards)),
+                              group_size=2, beta=beta, tau=1e-6, gamma=0.0)
     e_t, e_r = np_errors(v_theta, target), np_errors(v_ref, target)
     terms = []
     for a, b in ((0, 1), (2, 3), (4, 5)):
@@ -117,41 +123,56 @@ def gdro_method(**section):
     return build_method(c), c
 
 
-def np_objective(params, x0, t, eps, rewards, cd, beta, tau, gamma, k):
-    """float64 NumPy GDRO objective of the linear model at one draw: implicit rewards, ranking loss, and the
-    flow-matching error of each group's best image."""
+def np_objective(params, x0, t, eps, rewards, cd, beta, tau, gamma, k, expectation="inside"):
+    """float64 NumPy GDRO objective of the linear model over draws t [K, B], eps [K, B, ...]: per image the
+    flow-matching errors of policy and reference; "inside": implicit rewards from the errors averaged over the
+    draws, then the ranking loss and the best image's error; "outside": that loss per draw, averaged."""
     w, b = (np.asarray(params[n], np.float64) for n in ("w", "b"))
-    x0, eps, t = np.asarray(x0, np.float64), np.asarray(eps, np.float64), np.asarray(t, np.float64)
-    pooled = np.asarray(cd.pooled, np.float64)
-    tt = t.reshape(-1, 1, 1, 1)
-    x_t = (1 - tt) * x0 + tt * eps
-    lin = lambda w_, b_: x_t * w_ + pooled[:, None, None, :] * b_ + tt * 0.3
-    target = eps - x0
-    e_theta = np_errors(lin(w, b), target)
-    e_ref = np_errors(lin(np.asarray(REF["w"], np.float64), np.asarray(REF["b"], np.float64)), target)
-    s = -beta * (e_theta - e_ref)
-    rank, _ = np_gdro_loss(s.reshape(-1, k), np.asarray(rewards).reshape(-1, k), tau)
-    best = np.argmax(np.asarray(rewards).reshape(-1, k), 1)
-    fm = np.mean(e_theta.reshape(-1, k)[np.arange(len(best)), best])
-    return rank + gamma * fm, s
+    x0, pooled = np.asarray(x0, np.float64), np.asarray(cd.pooled, np.float64)
+    errs = []
+    for t_d, eps_d in zip(np.asarray(t, np.float64), np.asarray(eps, np.float64)):
+        tt = t_d.reshape(-1, 1, 1, 1)
+        x_t = (1 - tt) * x0 + tt * eps_d
+        lin = lambda w_, b_: x_t * w_ + pooled[:, None, None, :] * b_ + tt * 0.3
+        errs.append((np_errors(lin(w, b), eps_d - x0),
+                     np_errors(lin(np.asarray(REF["w"], np.float64), np.asarray(REF["b"], np.float64)), eps_d - x0)))
+
+    def loss(e_theta, e_ref):
+        s = -beta * (e_theta - e_ref)
+        rank, _ = np_gdro_loss(s.reshape(-1, k), np.asarray(rewards).reshape(-1, k), tau)
+        best = np.argmax(np.asarray(rewards).reshape(-1, k), 1)
+        return rank + gamma * np.mean(e_theta.reshape(-1, k)[np.arange(len(best)), best]), s
+
+    if expectation == "inside":
+        return loss(np.mean([e for e, _ in errs], 0), np.mean([r for _, r in errs], 0))
+    per_draw = [loss(e, r) for e, r in errs]
+    return np.mean([l for l, _ in per_draw]), np.mean([s for _, s in per_draw], 0)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_grads_against_numpy_on_the_linear_model(shared):
-    """The method's loss, implicit rewards and gradient on the linear velocity model of test_methods.py against
-    float64 NumPy (the gradient by central differences), at the method's own (t, eps) draws."""
-    beta, tau, gamma, k = 6.0, 0.05, 1.0, 2
-    method, c = gdro_method(beta=beta, tau=tau, gamma=gamma, num_train_timesteps=1, shared_noise=shared)
+def method_grads(method, c, key, rewards):
     cd = cond()
     x0 = jax.random.normal(jax.random.key(4), (6, 4, 4, 3))
-    rewards = jnp.asarray([0.2, 0.9, 0.5, 0.5, 1.0, 0.0])
     mb = {"x0": x0, "cond": cd, "advantages": method.advantages(rewards, jnp.asarray([0, 0, 1, 1, 2, 2]), 3, {}),
           "weights": jnp.ones((6,))}
     sig = method.schedule(c.sample.num_steps, c.sample.shift)
+    grads, metrics = jax.jit(lambda p, m, kk: method.grads(Context(linear_apply, REF, sig), p, None, m, None, kk))(
+        PARAMS, mb, key)
+    return grads, metrics, x0, cd
+
+
+@pytest.mark.parametrize("shared, expectation, draws_", [(True, "inside", 3), (False, "outside", 2)])
+def test_grads_against_numpy_on_the_linear_model(shared, expectation, draws_):
+    """The method's loss, implicit rewards and gradient on the linear velocity model of test_methods.py against
+    float64 NumPy (the gradient by central differences), at the method's own (t, eps) draws."""
+    beta, tau, gamma, k = 6.0, 0.05, 1.0, 2
+    method, c = gdro_method(beta=beta / 1000.0, beta_T=1000.0, tau=tau, gamma=gamma, num_train_timesteps=draws_,
+                            shared_noise=shared, expectation=expectation)
+    rewards = jnp.asarray([0.2, 0.9, 0.5, 0.5, 1.0, 0.0])
     key = jax.random.key(7)
-    grads, metrics = method.grads(Context(linear_apply, REF, sig), PARAMS, None, mb, None, key)
-    t, eps = gdro_lib.gdro_draws(key, 3, k, x0.shape[1:], num_draws=1, shared=shared)
-    ref_loss, s = np_objective(PARAMS, x0, t[0], eps[0], rewards, cd, beta, tau, gamma, k)
+    grads, metrics, x0, cd = method_grads(method, c, key, rewards)
+    t, eps = draws(key, 3, k, tuple(x0.shape[1:]), num_draws=draws_, shared=shared)
+    args = (x0, t, eps, rewards, cd, beta, tau, gamma, k, expectation)
+    ref_loss, s = np_objective(PARAMS, *args)
     np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["implicit_reward_mean"]), s.mean(), rtol=1e-4, atol=1e-6)
     assert set(metrics) == set(method.metric_names)
@@ -161,9 +182,22 @@ def test_grads_against_numpy_on_the_linear_model(shared):
             up, down = ({**PARAMS, name: np.asarray(PARAMS[name], np.float64).copy()} for _ in range(2))
             up[name][i] += h
             down[name][i] -= h
-            fd = (np_objective(up, x0, t[0], eps[0], rewards, cd, beta, tau, gamma, k)[0]
-                  - np_objective(down, x0, t[0], eps[0], rewards, cd, beta, tau, gamma, k)[0]) / (2 * h)
+            fd = (np_objective(up, *args)[0] - np_objective(down, *args)[0]) / (2 * h)
             np.testing.assert_allclose(float(grads[name][i]), fd, rtol=2e-3, atol=1e-5, err_msg=f"{name}[{i}]")
+
+
+def test_one_draw_inside_equals_outside():
+    """With one (t, eps) draw the expectation inside the implicit reward and Diffusion-DPO's outside agree."""
+    rewards = jnp.asarray([0.2, 0.9, 0.5, 0.5, 1.0, 0.0])
+    out = []
+    for expectation in ("inside", "outside"):
+        method, c = gdro_method(num_train_timesteps=1, expectation=expectation)
+        out.append(method_grads(method, c, jax.random.key(9), rewards)[:2])
+    (g_in, m_in), (g_out, m_out) = out
+    for name in ("w", "b"):
+        np.testing.assert_allclose(np.asarray(g_in[name]), np.asarray(g_out[name]), rtol=1e-5, atol=1e-8)
+    for key in m_in:
+        np.testing.assert_allclose(float(m_in[key]), float(m_out[key]), rtol=1e-5, atol=1e-8, err_msg=key)
 
 
 def test_implicit_reward_sign_and_scale():
@@ -187,22 +221,22 @@ def test_implicit_reward_sign_and_scale():
 
 def test_shared_and_independent_draws():
     sig = jnp.linspace(1.0, 0.0, 9)
-    t, eps = gdro_lib.gdro_draws(jax.random.key(0), 3, 4, (2, 2, 1), num_draws=5, shared=True)
+    t, eps = draws(jax.random.key(0), 3, 4, (2, 2, 1), num_draws=5, shared=True)
     assert t.shape == (5, 12) and eps.shape == (5, 12, 2, 2, 1)
     tg, eg = t.reshape(5, 3, 4), eps.reshape(5, 3, 4, -1)
     assert np.all(tg == tg[:, :, :1]) and np.all(eg == eg[:, :, :1])  # the same t, eps within a group
     assert len(np.unique(np.asarray(tg[:, :, 0]))) == 15  # and fresh ones per group and draw
-    t, eps = gdro_lib.gdro_draws(jax.random.key(0), 3, 4, (2, 2, 1), num_draws=5, shared=False)
+    t, eps = draws(jax.random.key(0), 3, 4, (2, 2, 1), num_draws=5, shared=False)
     assert len(np.unique(np.asarray(t))) == 60 and len(np.unique(np.asarray(eps[:, :, 0, 0, 0]))) == 60
-    t, _ = gdro_lib.gdro_draws(jax.random.key(1), 50, 2, (1,), num_draws=4, timesteps="schedule", sigmas=sig,
-                               timestep_fraction=0.5)
+    t, _ = draws(jax.random.key(1), 50, 2, (1,), num_draws=4, timesteps="schedule", sigmas=sig, timestep_fraction=0.5)
     assert set(np.round(np.asarray(t), 6).ravel()) == set(np.round(np.asarray(sig[:4]), 6))
 
 
 def test_minibatches_hold_whole_groups():
     prompts_per_batch, k, minibatches = 6, 4, 3
     _, groups = KRepeatSampler(20, prompts_per_batch, k, seed=3).batch(5)
-    order, weights = gdro_lib.group_plan(jnp.asarray(groups, jnp.float32), jax.random.key(0), k)
+    order, weights = jax.jit(gdro_lib.group_plan, static_argnums=2)(jnp.asarray(groups, jnp.float32),
+                                                                     jax.random.key(0), k)
     order = np.asarray(order)
     assert sorted(order.tolist()) == list(range(24)) and np.all(np.asarray(weights) == 1.0)
     for mb in order.reshape(minibatches, -1):

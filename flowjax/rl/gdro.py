@@ -21,7 +21,8 @@ The method (for one prompt, a group of k images x0_1..x0_k with explicit rewards
   R_j, and the stage's loss their cross-entropy:
       L_rank = sum_{j=1}^{k-1} CE( softmax_{R_j}(r / tau), softmax_{R_j}(s) ).
   For k = 2 and tau -> 0 the target is the winner and L_rank = -log sigmoid(s_w - s_l): Diffusion-DPO's loss
-  (Wallace et al. 2023, arXiv 2311.12908, eq. 14) with its beta T omega(lambda_t) folded into beta.
+  (Wallace et al. 2023, arXiv 2311.12908, eq. 14) in flow-matching form, its beta T omega(lambda_t) being
+  beta * beta_T here (below).
 - plus gamma times the flow-matching loss of the group's best image (argmax r): |v - v_theta(x_t, t)|^2.
 - settings of the paper: k = 6, tau = 0.05, beta 6 (GenEval) / 12 (OCR), gamma 1.0 (GenEval) / 0.5 (OCR).
 - online (rollouts each epoch by any solver; ODE by default) or offline (`offline=True`: a fixed dataset
@@ -29,11 +30,18 @@ The method (for one prompt, a group of k images x0_1..x0_k with explicit rewards
 
 CHOSEN where the paper (as recorded here) is silent:
 - squared errors are means over C, H, W (as Diffusion-DPO's public training code, SalesforceAIResearch/
-  DiffusionDPO `train.py`, takes `.mean` over the non-batch dims); the published beta is on that scale;
-- no timestep weighting: Diffusion-DPO's T * omega(lambda_t) is a constant absorbed into beta;
-- the expectation over (t, eps) is taken outside the loss, as Diffusion-DPO's eq. 14 does (Jensen, from
-  eq. 13): each training draw of (t, eps) gives implicit rewards and a loss, and the loss is averaged over
-  `num_train_timesteps` draws per minibatch;
+  DiffusionDPO `train.py`, takes `.mean` over the non-batch dims);
+- the scale of the implicit reward: Diffusion-DPO's eq. 14 multiplies the error differences by
+  beta * T * omega(lambda_t) (T = 1000 steps); here omega = 1 and the factor is beta * `beta_T`, with
+  beta_T = 1000 by default, which puts the paper's beta 6 / 12 at Diffusion-DPO's scale (its code multiplies
+  mean errors by 0.5 * beta_dpo and is launched with beta_dpo 5000: SalesforceAIResearch/DiffusionDPO
+  `train.py`). beta_T = 1 reads the formula above literally (implicit rewards of order 1e-3 on SD3.5 latents,
+  a loss that hardly ever saturates);
+- the expectation over (t, eps) stays inside the implicit reward, as the formula above has it
+  (`expectation="inside"`): each minibatch draws `num_train_timesteps` (t, eps), averages each image's errors
+  over them and takes one loss; its exact gradient is accumulated draw by draw in two passes (memory of one
+  draw; one more policy forward per draw). `expectation="outside"` is Diffusion-DPO's eq. 14 instead (Jensen,
+  from its eq. 13: one loss per draw, averaged). The two agree for one draw;
 - by default the k images of a group share the draw's t and eps (`shared_noise=True`; the group is compared
   at the same noise, which removes the noise's variance from the rewards' differences); False draws them
   per image;
@@ -47,6 +55,8 @@ CHOSEN where the paper (as recorded here) is silent:
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -126,22 +136,22 @@ def implicit_accuracy(implicit, rewards) -> jax.Array:
     return jnp.where(n > 0, jnp.sum(agree) / jnp.maximum(n, 1), 0.5)
 
 
-def gdro_objective(v_theta, v_ref, target, rewards, *, group_size: int, beta: float, tau: float, gamma: float):
-    """GDRO's loss at one draw of (t, eps), and its metrics.
+def gdro_loss_from_errors(errors, ref_errors, rewards, *, group_size: int, beta: float, tau: float,
+                          gamma: float):
+    """GDRO's loss and metrics from per-image flow-matching errors [G * k] (each group's k = `group_size` rows
+    consecutive): the policy's |v - v_theta|^2 and the reference's |v - v_ref|^2 (a constant), at one draw of
+    (t, eps) or averaged over draws (the expectation inside the implicit reward). rewards [G * k] explicit.
 
-    v_theta, v_ref, target: [G * k, ...] velocities and targets (eps - x0) with each group's k = `group_size`
-    rows consecutive; rewards [G * k] the explicit rewards. loss = gdro_loss(s, r, tau) + gamma * the mean over
-    groups of the best image's |target - v_theta|^2, s = implicit_rewards(v_theta, v_ref, target, beta).
-    Metrics: loss, rank_loss, fm_loss, implicit_reward_mean, implicit_reward_std (within a group, averaged),
-    implicit_accuracy, policy_error and ref_error (mean squared velocity errors of the policy / reference)."""
-    r = f32(rewards)
+    loss = gdro_loss(s, r, tau) + gamma * the mean over groups of the best image's error,
+    s = -beta * (errors - ref_errors). Metrics: loss, rank_loss, fm_loss, implicit_reward_mean,
+    implicit_reward_std (within a group, averaged), implicit_accuracy, policy_error and ref_error (mean errors)."""
+    r, e = f32(rewards), f32(errors)
     rows = r.shape[0]
-    if v_theta.shape[0] != rows or rows % group_size:
-        raise ValueError(f"{v_theta.shape[0]} velocity rows and {rows} rewards must match and split into groups "
-                         f"of {group_size}")
-    errors = velocity_errors(v_theta, target)
-    s = implicit_rewards(v_theta, v_ref, target, beta)
-    s_g, r_g, e_g = (a.reshape(rows // group_size, group_size) for a in (s, r, errors))
+    if e.shape != (rows,) or rows % group_size:
+        raise ValueError(f"errors {e.shape} and rewards [{rows}] must be [rows] with rows a multiple of {group_size}")
+    e_ref = jax.lax.stop_gradient(f32(ref_errors))
+    s = -beta * (e - e_ref)
+    s_g, r_g, e_g = (a.reshape(rows // group_size, group_size) for a in (s, r, e))
     rank = gdro_loss(s_g, r_g, tau)
     fm = jnp.mean(best_image_errors(e_g, r_g))
     loss = rank + gamma * fm
@@ -153,13 +163,25 @@ def gdro_objective(v_theta, v_ref, target, rewards, *, group_size: int, beta: fl
         "implicit_reward_mean": sg(jnp.mean(s)),
         "implicit_reward_std": sg(jnp.mean(jnp.std(s_g, axis=1))),
         "implicit_accuracy": sg(implicit_accuracy(s_g, r_g)),
-        "policy_error": sg(jnp.mean(errors)),
-        "ref_error": sg(jnp.mean(velocity_errors(v_ref, target))),
+        "policy_error": sg(jnp.mean(e)),
+        "ref_error": jnp.mean(e_ref),
     }
     return loss, metrics
 
 
+def gdro_objective(v_theta, v_ref, target, rewards, *, group_size: int, beta: float, tau: float, gamma: float):
+    """GDRO's loss at one draw of (t, eps), and its metrics (`gdro_loss_from_errors`).
+
+    v_theta, v_ref, target: [G * k, ...] velocities and targets (eps - x0) with each group's k = `group_size`
+    rows consecutive; rewards [G * k]; s = implicit_rewards(v_theta, v_ref, target, beta)."""
+    if v_theta.shape[0] != f32(rewards).shape[0]:
+        raise ValueError(f"{v_theta.shape[0]} velocity rows and {f32(rewards).shape[0]} rewards must match")
+    return gdro_loss_from_errors(velocity_errors(v_theta, target), velocity_errors(v_ref, target), rewards,
+                                 group_size=group_size, beta=beta, tau=tau, gamma=gamma)
+
+
 TIMESTEPS = ("uniform", "schedule")
+EXPECTATIONS = ("inside", "outside")
 
 
 def gdro_draws(key, groups: int, group_size: int, shape, *, num_draws: int, shared: bool = True,
@@ -212,7 +234,7 @@ class GDRO(Method):
     the RAW rewards through (GDRO ranks rewards within a group, it does not normalise them), with each row's
     group id, and `plan` keeps each group whole inside one minibatch. Each minibatch draws
     `num_train_timesteps` (t, eps) (shared within a group unless `shared_noise=False`) and takes
-    `gdro_objective` with the reference policy's velocities (LoRA off) for the implicit rewards.
+    the loss of the implicit rewards (`gdro_loss_from_errors`, the reference policy's velocities with LoRA off).
     Offline (`offline=True`): the trainer samples `offline_batches` batches once with the reference policy,
     scores them, keeps them in WORKDIR/rollouts/ and trains every epoch on `train.prompts_per_batch` of their
     groups, without sampling (`Method.offline_batches`).
@@ -229,10 +251,12 @@ class GDRO(Method):
             noise_level=0.0,  # of a stochastic solver
             guidance=4.5,  # CFG of the rollouts (CHOSEN: SD3.5-M's usual 4.5); training forwards are CFG-free
             beta=6.0,  # implicit-reward scale: 6 GenEval, 12 OCR (the paper)
+            beta_T=1000.0,  # Diffusion-DPO's T in beta * T * omega(lambda_t), omega = 1 (CHOSEN, see above)
             tau=0.05,  # temperature of the soft ranking targets softmax(r / tau) (the paper)
             gamma=1.0,  # weight of the best image's flow-matching loss: 1.0 GenEval, 0.5 OCR (the paper)
             shared_noise=True,  # one (t, eps) per group and draw (CHOSEN); False: per image
             num_train_timesteps=1,  # (t, eps) draws per minibatch (CHOSEN: one, as Diffusion-DPO)
+            expectation="inside",  # s from the errors averaged over the draws (the formula); "outside": Jensen
             timesteps="uniform",  # t ~ U(0, 1) (CHOSEN); "schedule": the rollout schedule's sigmas
             timestep_fraction=1.0,  # with timesteps="schedule": the first int(num_steps * fraction) steps
             offline=False,  # the paper's offline mode: a fixed dataset sampled once by the reference model
@@ -241,11 +265,13 @@ class GDRO(Method):
 
     def validate(self) -> None:
         c, t = self.cfg, self.config.train
-        if not c.tau > 0 or not c.beta > 0 or c.gamma < 0:
-            raise ValueError(f"config.gdro needs tau > 0, beta > 0 and gamma >= 0, got tau={c.tau}, beta={c.beta}, "
-                             f"gamma={c.gamma}")
+        if not c.tau > 0 or not c.beta > 0 or not c.beta_T > 0 or c.gamma < 0:
+            raise ValueError(f"config.gdro needs tau > 0, beta > 0, beta_T > 0 and gamma >= 0, got tau={c.tau}, "
+                             f"beta={c.beta}, beta_T={c.beta_T}, gamma={c.gamma}")
         if c.num_train_timesteps < 1:
             raise ValueError(f"config.gdro.num_train_timesteps must be >= 1, got {c.num_train_timesteps}")
+        if c.expectation not in EXPECTATIONS:
+            raise ValueError(f"config.gdro.expectation must be one of {EXPECTATIONS}, got {c.expectation!r}")
         if c.timesteps not in TIMESTEPS:
             raise ValueError(f"config.gdro.timesteps must be one of {TIMESTEPS}, got {c.timesteps!r}")
         if c.timesteps == "schedule" and int(self.config.sample.num_steps * c.timestep_fraction) < 1:
@@ -279,7 +305,9 @@ class GDRO(Method):
         return group_plan(advantages[:, 1], key, int(self.config.train.group_size))
 
     def train_nfes(self, batch):
-        return int(self.cfg.num_train_timesteps) * batch * 2  # policy and reference, CFG-free
+        """Policy and reference per draw, CFG-free; "inside" evaluates the policy once more (its two passes)."""
+        per_draw = 3 if self.cfg.expectation == "inside" else 2
+        return int(self.cfg.num_train_timesteps) * batch * per_draw
 
     def grads(self, ctx, params, state, mb, window, key):
         c, k = self.cfg, int(self.config.train.group_size)
@@ -288,12 +316,23 @@ class GDRO(Method):
         t_all, eps_all = gdro_draws(key, x0.shape[0] // k, k, x0.shape[1:], num_draws=int(c.num_train_timesteps),
                                     shared=bool(c.shared_noise), timesteps=c.timesteps, sigmas=ctx.sigmas,
                                     timestep_fraction=float(c.timestep_fraction))
+        loss_of = functools.partial(gdro_loss_from_errors, rewards=rewards, group_size=k,
+                                    beta=float(c.beta * c.beta_T), tau=float(c.tau), gamma=float(c.gamma))
 
-        def loss_fn(p, inp):
+        def errors(p, inp):
+            """|eps - x0 - v_p(x_t, t)|^2 per image at one draw; no CFG in training."""
             t, eps = inp
-            x_t = awm_noised(x0, eps, t)
-            v_of = lambda q: velocity(ctx.apply, q, x_t, t, mb["cond"], 1.0)  # no CFG in training
-            return gdro_objective(v_of(p), jax.lax.stop_gradient(v_of(ctx.ref_params)), eps - f32(x0), rewards,
-                                  group_size=k, beta=float(c.beta), tau=float(c.tau), gamma=float(c.gamma))
+            v = velocity(ctx.apply, p, awm_noised(x0, eps, t), t, mb["cond"], 1.0)
+            return velocity_errors(v, eps - f32(x0))
 
-        return accumulate(loss_fn, params, (t_all, eps_all))
+        if c.expectation == "outside":  # Diffusion-DPO's eq. 14: one loss per draw, averaged
+            return accumulate(lambda p, inp: loss_of(errors(p, inp), errors(ctx.ref_params, inp)), params,
+                              (t_all, eps_all))
+        # "inside": s from the errors averaged over the draws, then one loss. Its exact gradient in two passes,
+        # so that memory holds one draw's activations: the mean errors (no gradient), d loss / d errors, then
+        # the gradient of sum_i w_i * errors_i accumulated over the draws.
+        both = jax.lax.map(lambda inp: (errors(params, inp), errors(ctx.ref_params, inp)), (t_all, eps_all))
+        mean_err, mean_ref = (jax.lax.stop_gradient(jnp.mean(e, axis=0)) for e in both)
+        (_, metrics), weights = jax.value_and_grad(lambda e: loss_of(e, mean_ref), has_aux=True)(mean_err)
+        grads, _ = accumulate(lambda p, inp: (jnp.sum(weights * errors(p, inp)), {}), params, (t_all, eps_all))
+        return grads, metrics
