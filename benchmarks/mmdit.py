@@ -1,8 +1,10 @@
-"""Micro-benchmark of the flowjax MMDiT: forward and forward+backward, tokens/s and achieved TFLOP/s.
+"""Micro-benchmark of the flowjax transformers (SD3 MMDiT, FLUX.1): forward and forward+backward, tokens/s and
+achieved TFLOP/s.
 
-  python benchmarks/mmdit.py                          # tiny config (CPU friendly)
+  python benchmarks/mmdit.py                          # tiny MMDiT config (CPU friendly); flux-tiny for FLUX
   python benchmarks/mmdit.py --config=sd35-medium --resolution=512 --batch=4   # on a GPU
-  python benchmarks/mmdit.py --config=path/to/transformer/config.json
+  python benchmarks/mmdit.py --config=flux-dev --resolution=1024 --batch=1     # FLUX.1-dev (flux-schnell: no guidance)
+  python benchmarks/mmdit.py --config=path/to/transformer/config.json          # SD3 or FLUX, by its _class_name
   python benchmarks/mmdit.py --compare-torch          # also time diffusers on the same config (CPU/GPU)
 
 Weights are random (nothing is downloaded). FLOPs are the model's matmul FLOPs counted analytically
@@ -21,7 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowjax.models.mmdit import MMDiT, MMDiTConfig
+from flowjax.convert.transformer import FAMILIES, family_of_config
+from flowjax.models import presets
+from flowjax.models.flux import FluxConfig
+from flowjax.models.mmdit import MMDiTConfig
 
 PRESETS = {
     "tiny": dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=32,
@@ -38,12 +43,40 @@ PRESETS = {
     "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
                        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+    # FLUX.1 (flowjax.models.presets: the FLUX.1-dev / -schnell transformer/config.json).
+    "flux-dev": dict(family="flux", **presets.FLUX_DEV),
+    "flux-schnell": dict(family="flux", **presets.FLUX_SCHNELL),
+    "flux-tiny": dict(family="flux", in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                      num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
+                      axes_dims_rope=(8, 12, 12)),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def forward_flops(cfg: MMDiTConfig, batch: int, n_img: int, n_txt: int) -> float:
-    """Matmul FLOPs of one forward pass (2 per multiply-add)."""
+def make_config(preset: dict) -> MMDiTConfig | FluxConfig:
+    fields = dict(preset)
+    return FluxConfig(**fields) if fields.pop("family", "sd3") == "flux" else MMDiTConfig(**fields)
+
+
+def forward_flops(cfg, batch: int, n_img: int, n_txt: int) -> float:
+    """Matmul FLOPs of one forward pass (2 per multiply-add), MMDiT or FLUX."""
+    return (flux_forward_flops if isinstance(cfg, FluxConfig) else mmdit_forward_flops)(cfg, batch, n_img, n_txt)
+
+
+def flux_forward_flops(cfg: FluxConfig, batch: int, n_img: int, n_txt: int) -> float:
+    """Double-stream blocks: q, k, v, out and the 4x MLP of both streams, joint attention; single-stream blocks:
+    q, k, v, the 4x MLP in, the (attention + MLP) -> d output projection, attention; AdaLN modulation once per
+    sample; the embedders and the final projection."""
+    d, n, m = cfg.inner_dim, n_img, n_txt
+    s = n + m
+    double = 2 * s * d * d * 4 + 2 * 2 * s * s * d + 2 * s * d * 4 * d * 2 + 2 * d * 6 * d * 2
+    single = 2 * s * d * d * 3 + 2 * s * d * 4 * d + 2 * s * 5 * d * d + 2 * 2 * s * s * d + 2 * d * 3 * d
+    embed = 2 * n * cfg.in_channels * d + 2 * m * cfg.joint_attention_dim * d + 2 * n * d * cfg.out_channels
+    embed += (2 + cfg.guidance_embeds) * (2 * 256 * d + 2 * d * d) + 2 * d * 2 * d
+    return batch * (cfg.num_layers * double + cfg.num_single_layers * single + embed)
+
+
+def mmdit_forward_flops(cfg: MMDiTConfig, batch: int, n_img: int, n_txt: int) -> float:
     d, total = cfg.inner_dim, 0.0
     for dual, pre_only in cfg.block_kinds():
         n, m, s = n_img, n_txt, n_img + n_txt
@@ -71,18 +104,28 @@ def time_fn(fn, args, iters: int) -> float:
 
 
 def make_inputs(cfg, batch, resolution, text_len, seed=0):
-    latent = resolution // 8  # SD3's VAE downsamples by 8
+    """(latents NHWC, timesteps, text, pooled[, guidance for FLUX.1-dev])."""
+    latent = resolution // 8  # the SD3 and FLUX VAEs downsample by 8
+    flux = isinstance(cfg, FluxConfig)
     g = np.random.default_rng(seed)
-    x = g.standard_normal((batch, latent, latent, cfg.in_channels), np.float32)
+    x = g.standard_normal((batch, latent, latent, cfg.latent_channels if flux else cfg.in_channels), np.float32)
     t = g.uniform(0, 1000, batch).astype(np.float32)
     ctx = g.standard_normal((batch, text_len, cfg.joint_attention_dim), np.float32)
     pooled = g.standard_normal((batch, cfg.pooled_projection_dim), np.float32)
+    if flux and cfg.guidance_embeds:
+        return x, t, ctx, pooled, np.full((batch,), 3.5, np.float32)
     return x, t, ctx, pooled
 
 
+def image_tokens(cfg, resolution) -> int:
+    patch = 2 if isinstance(cfg, FluxConfig) else cfg.patch_size  # FLUX packs 2x2 latent pixels per token
+    return (resolution // 8 // patch) ** 2
+
+
 def bench_flowjax(cfg, args, inputs):
-    model = MMDiT(cfg, rngs=nnx.Rngs(0), dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype],
-                  attention_impl=args.attention, remat=args.remat)
+    model = family_of_config(cfg).model(cfg, rngs=nnx.Rngs(0), dtype=DTYPES[args.dtype],
+                                        param_dtype=DTYPES[args.param_dtype], attention_impl=args.attention,
+                                        remat=args.remat)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     inputs = [jnp.asarray(a) for a in inputs]
 
@@ -100,22 +143,38 @@ def bench_flowjax(cfg, args, inputs):
     return time_fn(forward, (params, *inputs), args.iters), time_fn(forward_backward, (params, *inputs), args.iters)
 
 
+def torch_forward(cfg, inputs, device, tdtype):
+    """A closure running diffusers' model on the inputs (FLUX: packed latents, ids and t / 1000 as its pipeline)."""
+    import diffusers
+    import torch
+
+    model = getattr(diffusers, family_of_config(cfg).class_name)(**dataclass_dict(cfg)).to(device, tdtype)
+    x, t, ctx, pooled, *guidance = inputs
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device, tdtype)
+    tt, tc, tp = (torch.from_numpy(a).to(device, tdtype) for a in (t, ctx, pooled))
+    if not isinstance(cfg, FluxConfig):
+        return lambda: model(tx, tc, tp, tt).sample
+    b, c, h, w = tx.shape
+    packed = diffusers.FluxPipeline._pack_latents(tx, b, c, h, w)
+    img_ids = diffusers.FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, tdtype)
+    txt_ids = torch.zeros(tc.shape[1], 3, device=device, dtype=tdtype)
+    tg = torch.from_numpy(guidance[0]).to(device, torch.float32) if guidance else None
+    return lambda: model(hidden_states=packed, encoder_hidden_states=tc, pooled_projections=tp, timestep=tt / 1000,
+                         img_ids=img_ids, txt_ids=txt_ids, guidance=tg).sample
+
+
 def bench_torch(cfg, args, inputs):
     import torch
-    from diffusers import SD3Transformer2DModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = SD3Transformer2DModel(**dataclass_dict(cfg)).to(device, tdtype)
-    x, t, ctx, pooled = inputs
-    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device, tdtype)
-    tt, tc, tp = (torch.from_numpy(a).to(device, tdtype) for a in (t, ctx, pooled))
+    forward = torch_forward(cfg, inputs, device, tdtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run(backward):
         def fn():
             with torch.set_grad_enabled(backward):
-                out = model(tx, tc, tp, tt).sample
+                out = forward()
                 if backward:
                     out.float().square().mean().backward()
             sync()
@@ -146,7 +205,8 @@ def main():
     parser.add_argument("--config", default="tiny", help=f"one of {sorted(PRESETS)} or a diffusers config.json")
     parser.add_argument("--resolution", type=int, default=None, help="image pixels a side (default 512; 256 for tiny)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--text-len", type=int, default=None, help="text tokens (SD3: 77 CLIP + 256 T5 = 333)")
+    parser.add_argument("--text-len", type=int, default=None,
+                        help="text tokens (SD3: 77 CLIP + 256 T5 = 333; FLUX: 512 T5)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     parser.add_argument("--param-dtype", choices=DTYPES, default="float32")
     parser.add_argument("--attention", choices=["xla", "cudnn", "auto"], default="xla")
@@ -156,15 +216,17 @@ def main():
     args = parser.parse_args()
 
     if args.config in PRESETS:
-        cfg = MMDiTConfig(**PRESETS[args.config])
+        cfg = make_config(PRESETS[args.config])
     else:
         with open(args.config) as f:
-            cfg = MMDiTConfig.from_diffusers(json.load(f))
-    tiny = args.config == "tiny"
-    resolution = args.resolution or (256 if tiny else 512)
-    text_len = args.text_len or (32 if tiny else 333)
+            raw = json.load(f)
+        cfg = FAMILIES[raw.get("_class_name", "SD3Transformer2DModel")].config.from_diffusers(raw)
+    tiny = args.config.endswith("tiny")
+    flux = isinstance(cfg, FluxConfig)
+    resolution = args.resolution or (256 if tiny else 1024 if flux else 512)
+    text_len = args.text_len or (32 if tiny else 512 if flux else 333)
     inputs = make_inputs(cfg, args.batch, resolution, text_len)
-    n_img = (resolution // 8 // cfg.patch_size) ** 2
+    n_img = image_tokens(cfg, resolution)
     tokens = args.batch * (n_img + text_len)
     flops = forward_flops(cfg, args.batch, n_img, text_len)
 

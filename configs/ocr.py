@@ -1,24 +1,30 @@
-"""RL of Stable Diffusion 3.5 Medium on visual text rendering (OCR), scored by a reward server.
+"""RL of Stable Diffusion 3.5 Medium on visual text rendering (OCR), scored by PP-OCRv4 on the accelerator.
 
-  # 1. an OCR reward server speaking flowjax's JSON protocol (flowjax.rewards.remote.RemoteReward), e.g. on
-  #    port 18086: POST {"images": [base64 JPEG], "prompts": [str], "metadata": [{"prompt", "text"}]}, reply
-  #    {"scores": [float]}; "text" is the prompt's first double-quoted span, the text to render. Flow-GRPO's
-  #    OCR reward (flow_grpo/ocr.py) is 1 - min(d, len(text)) / len(text), d the edit distance between the
-  #    PaddleOCR reading and the text (both without spaces, lower-cased; d = 0 when the text occurs in the
-  #    reading); a server returning that reproduces it.
-  # 2. train (Flow-GRPO by default; :cps, :cps_fast, :awm, :nft, :gdro, :gdro_offline for the others):
+  # 1. the OCR models: PP-OCRv4 detection + recognition ONNX files, read by flowjax (no OCR runtime runs)
+  pip install -e ".[ocr]" && pip install --no-deps rapidocr-onnxruntime
+  # 2. train (Flow-GRPO by default; :cps, :awm, :nft, :gdro, :gdro_offline for the others):
   python -m flowjax.train --config=configs/ocr.py --workdir=runs/ocr \\
       --config.world.model=/path/to/stable-diffusion-3.5-medium --config.world.prompts=/path/to/flow_grpo/dataset/ocr
   python -m flowjax.train --config=configs/ocr.py:nft --workdir=runs/ocr_nft \\
-      --config.world.model=/path/to/stable-diffusion-3.5-medium --config.world.prompts=/path/to/flow_grpo/dataset/ocr \\
-      --config.reward.url=http://10.0.0.5:18086/score
+      --config.world.model=/path/to/stable-diffusion-3.5-medium --config.world.prompts=/path/to/flow_grpo/dataset/ocr
 
 Keys you will set: `world.model` (a diffusers SD3 / SD3.5 pipeline folder, required), `world.prompts` (a
 folder with train.txt / test.txt, one prompt per line with the text to render in double quotes, e.g.
-Flow-GRPO's dataset/ocr; required), `reward.url` (the server). Evaluation (ODE, `sample.eval_num_steps`
-steps, fixed noise, the first `sample.num_eval_prompts` test prompts) logs `eval/reward_mean` to
-WORKDIR/metrics.jsonl; extra per-sample keys of the server's reply are returned when named in
-`reward.metrics`.
+Flow-GRPO's dataset/ocr; required). Evaluation (ODE, `sample.eval_num_steps` steps, fixed noise, the whole test split in
+`sample.micro_batch` calls; `sample.num_eval_prompts` caps it) logs `eval/reward_mean` and `eval/accuracy` to WORKDIR/metrics.jsonl.
+
+The reward (`flowjax.rewards.load("ocr")`, flowjax/rewards/ocr.py) is Flow-GRPO's (flow_grpo/ocr.py):
+1 - min(d, len(text)) / len(text), d the edit distance between the text read from the image and the text
+in the prompt's first double quotes (both without spaces, lower-cased; d = 0 when the text occurs in the
+reading); `accuracy` = reward == 1. It runs PP-OCRv4 detection and recognition as jitted NNX modules inside
+the training step, with PaddleOCR's settings as Flow-GRPO calls it (`reward.options.preset="paddleocr"`;
+"rapidocr" for rapidocr's); `reward.path` = a folder with the two ONNX files ("" = the installed
+rapidocr-onnxruntime's). To score with a reward server instead (flowjax's JSON protocol,
+flowjax.rewards.remote.RemoteReward: POST {"images": [base64 JPEG], "prompts": [str], "metadata":
+[{"prompt", "text"}]}, reply {"scores": [float]}):
+  --config.reward.name=remote --config.reward.url=http://10.0.0.5:18086/score \\
+  --config.reward.options='{"timeout": 120.0, "retries": 3, "batch_size": 64}'
+(extra per-sample keys of the server's reply are returned when named in `reward.metrics`).
 
 Variants (each method's published SD3.5-M recipe, sources and per-value citations in flowjax/recipes.py; the
 batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` and `train.minibatches` /
@@ -46,9 +52,10 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
 eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages, 512 px, T5 length 128.
 What still differs from the references, and why:
+- the OCR models are rapidocr's Chinese + English PP-OCRv4 (Flow-GRPO's PaddleOCR lang="en" loads English-only
+  models that are not on PyPI; flowjax.rewards.ocr says more);
 - the zero-advantage filter and AWM's timestep draws work on the global batch / minibatch (the references do
   both per process; the same with one process);
-- evaluation runs the first `sample.num_eval_prompts` test prompts (the references: the whole test split);
 """
 
 import ml_collections
@@ -63,8 +70,8 @@ def get_config(arg: str = "grpo"):
     w, r = c.world, c.reward
     w.prompts = ""  # REQUIRED: folder with train.txt / test.txt (Flow-GRPO's dataset/ocr)
     w.prompt_kind = "ocr"
-    r.name = "remote"  # flowjax's JSON reward protocol (flowjax.rewards.remote.RemoteReward)
-    r.url = "http://127.0.0.1:18086/score"
-    r.path = ""
-    r.options = ml_collections.ConfigDict(dict(timeout=120.0, retries=3, batch_size=64, image_format="jpeg"))
+    r.name = "ocr"  # PP-OCRv4 on the accelerator (flowjax.rewards.ocr); "remote" + r.url for a reward server
+    r.url = ""
+    r.path = ""  # "" = the ONNX files of the installed rapidocr-onnxruntime
+    r.options = ml_collections.ConfigDict(dict(preset="paddleocr", max_boxes=8, max_width=1280))
     return c

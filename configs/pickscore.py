@@ -15,7 +15,7 @@ folder with train.txt / test.txt, one caption per line; required), `reward.path`
 folder, required), `reward.options.tokenizer` ("" = the folder's own tokenizer; Flow-GRPO takes tokenizer and
 processor from laion/CLIP-ViT-H-14-laion2B-s32B-b79K, which has the same vocabulary and preprocessing).
 The reward is exp(logit_scale) * cos(image, text) / 26 (flow_grpo pickscore_scorer.py). Evaluation (ODE,
-`sample.eval_num_steps` steps, fixed noise, the first `sample.num_eval_prompts` test prompts) logs
+`sample.eval_num_steps` steps, fixed noise, the whole test split in `sample.micro_batch` calls; `sample.num_eval_prompts` caps it) logs
 `eval/reward_mean` to WORKDIR/metrics.jsonl.
 
 Variants (each method's published SD3.5-M recipe, sources and per-value citations in flowjax/recipes.py; the
@@ -41,7 +41,6 @@ What still differs from the references, and why:
 - one SDE window per epoch for cps_fast (flow_grpo draws one per pipeline call, seeded with the process index);
 - the zero-advantage filter and AWM's timestep draws work on the global batch / minibatch (the references do
   both per process; the same with one process);
-- evaluation runs the first `sample.num_eval_prompts` test prompts (the references: the whole test split);
 """
 
 import ml_collections

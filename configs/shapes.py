@@ -73,9 +73,10 @@ def get_config(arg: str = "nft"):
                  clip_range=0.2, beta=0.04, timestep_fraction=0.6)
         m.noise_level = {"sde": 0.7, "cps": 0.8, "dance": 0.3}[m.kind]
         if arg == "mixgrpo":
-            # A 2-step SDE window inside the first 4 steps (those Flow-GRPO trains here). Measured over 200 steps:
-            # a 3-step window anywhere in the 8 steps gained +0.000, a 3-step one inside the first 5 +0.043.
-            m.window.update(size=2, schedule="random", range=(0, 4))
+            # MixGRPO's progressive window (Tencent-Hunyuan/MixGRPO e5cdd6a: 4 of 25 steps, one step later every 25
+            # iterations, rolling back, never the last 2), scaled to 8 steps: 2 steps, one step later every 25
+            # epochs, so the 200 epochs sweep it over steps 0-5 once.
+            m.window.update(size=2, schedule="progressive", shift_interval=25, stride=1, roll_back=True)
         if arg == "dance":  # DanceGRPO: its schedule, a random 60% of the steps per sample, unbiased group std
             m.update(schedule="dance", random_steps=True, beta=0.0, integer_timesteps=True)
             c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)

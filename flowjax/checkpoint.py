@@ -19,10 +19,11 @@ from flax import nnx
 from flowjax import sharding as sharding_lib
 from flowjax.convert import lora as lora_convert
 from flowjax.convert.safetensors_io import CheckpointError
+from flowjax.models.flux import Flux, FluxConfig
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 
 MANIFEST = "flowjax_model.json"
-FAMILIES = {"sd3_transformer": (MMDiT, MMDiTConfig)}
+FAMILIES = {"sd3_transformer": (MMDiT, MMDiTConfig), "flux_transformer": (Flux, FluxConfig)}
 
 
 def _family_of(model) -> str:

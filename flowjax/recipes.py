@@ -85,16 +85,18 @@ def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
 
     r = c.reward = ml_collections.ConfigDict()
     r.metrics = ()  # more per-sample metric names of a host reward to return
-    r.per_shard_calls = False  # host rewards only: call per device shard (always on with several processes)
 
     c.lora = ml_collections.ConfigDict(dict(rank=32, alpha=64.0, targets=SD3_ATTENTION_TARGETS))
+    # The transformer's memory options: blocks rematerialised in the backward pass and query-chunked attention,
+    # so a training forward keeps neither per-layer activations nor [heads, L, L] probabilities ("cudnn" on GPUs).
+    c.model = ml_collections.ConfigDict(dict(remat="full", attention="chunked"))
 
     s = c.sample = ml_collections.ConfigDict()
     s.shift = 3.0  # SD3.5's scheduler shift
     s.latent_size = (64, 64)  # resolution / 8
     s.same_noise_per_group = False
     s.eval_num_steps = 40
-    s.num_eval_prompts = 64  # 0 = the whole test split (the references evaluate all of it)
+    s.num_eval_prompts = 0  # the whole test split, as the references evaluate (in sample.micro_batch calls)
     s.eval_samples_per_prompt = 1
 
     t = c.train = ml_collections.ConfigDict()
@@ -153,6 +155,109 @@ def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
         m.update(mix=mix, decay_type=decay_type)
         c.eval_every, c.checkpoint_every = 10, 30
 
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.sharding_rules = sharding.DEFAULT_RULES
+    c.keep_checkpoints = 2
+    c.grid_size = 32
+    c.tensorboard = True
+    return c
+
+
+# ------------------------------------------------------------------------------------------ FLUX.1-dev
+
+FLUX_VARIANTS = {"pickscore": ("grpo", "dance", "mixgrpo"), "geneval": ("grpo",)}
+
+
+def flux_dev(variant: str, task: str) -> ml_collections.ConfigDict:
+    """The published FLUX.1-dev RL settings (configs/flux_pickscore.py, flux_geneval.py).
+
+    - grpo, Flow-GRPO `config/grpo.py:pickscore_flux` (as in IamCreateAI/FlowCPS b402c7a, a fork of
+      yifan123/flow_grpo) with `scripts/train_flux.py`: 6 SDE steps at noise level 0.9, 28-step evaluation, FLUX's
+      embedded guidance 3.5 and no CFG, 512 px, 32 GPUs x 3 images x 12 micro-batches = 48 prompts x 24, two
+      optimizer steps per epoch, no KL, clip 1e-4, int(6 x 0.99) = 5 trained steps, LoRA rank 64 alpha 128 on the
+      attention and feed-forward layers, lr 3e-4, EMA copy 0.9 every 8, evaluation every 30 epochs. The GenEval
+      task has no published FLUX recipe: its grpo variant is this one with the GenEval reward and Flow-GRPO's
+      SD3.5 GenEval KL weight 0.04 (our choice).
+    - dance, DanceGRPO `scripts/finetune/finetune_flux_grpo.sh` with `fastvideo/train_grpo_flux.py`
+      (XueZeyue/DanceGRPO 15cc71d): full fine-tuning at lr 1e-5, weight decay 1e-4, 16 GPUs x 1 prompt x 12
+      images, 4 accumulated samples per optimizer step, 16 steps of the dance kernel (eta 0.3) on DanceGRPO's
+      shift-3 linspace, a random 60% of the first 15 steps trained per sample, integer timesteps, one initial
+      noise per group, unbiased per-group std + 1e-8, clip 1e-4, advantage clip 5, no KL, 720 px, 300 epochs,
+      HPS-v2.1 reward.
+    - mixgrpo, MixGRPO `scripts/finetune/finetune_flux_grpo_MixGRPO.sh` (Tencent-Hunyuan/MixGRPO e5cdd6a): the
+      same trainer with Flow-GRPO's SDE kernel (`--flow_grpo_sampling`) at eta 0.7, 25 steps, a progressive
+      4-step window (one step later every 25 iterations, rolled back, never the last 2), only the window
+      trained, 32 GPUs x 1 prompt x 12, 3 accumulated samples per step. Its default reward mixes HPS-v2.1,
+      CLIP score, ImageReward, PickScore and UnifiedReward; flowjax has no ImageReward / UnifiedReward, so the
+      variant takes the script's HPS-only option (`reward_model="hpsv2"`).
+    """
+    from flowjax.models.lora import FLUX_FLOW_GRPO_TARGETS
+
+    if task not in FLUX_VARIANTS:
+        raise ValueError(f"unknown FLUX task {task!r}; choose one of {tuple(FLUX_VARIANTS)}")
+    variant = variant or "grpo"
+    if variant not in FLUX_VARIANTS[task]:
+        raise ValueError(f"unknown variant {variant!r} for FLUX {task}; choose one of {FLUX_VARIANTS[task]}")
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+    c.variant, c.method = variant, "grpo"
+    c.dtype = c.param_dtype = "bfloat16"
+    w = c.world = ml_collections.ConfigDict()
+    w.name = "flux"
+    w.model = ""  # REQUIRED: --config.world.model=/path/to/FLUX.1-dev
+    w.resolution = 512
+    w.guidance = 3.5  # FLUX.1-dev's embedded (distilled) guidance, all three references
+    w.max_sequence_length = 512  # T5 tokens, as FluxPipeline
+    w.train_split, w.eval_split = "train", "test"
+    w.precompute_limit, w.encode_batch_size = 256, 32
+    c.reward = ml_collections.ConfigDict(dict(metrics=()))
+    c.model = ml_collections.ConfigDict(dict(remat="full", attention="chunked"))
+    s = c.sample = ml_collections.ConfigDict()
+    s.same_noise_per_group = False
+    s.num_eval_prompts = 0
+    s.eval_samples_per_prompt = 1
+    s.eval_num_steps = 28
+    s.eval_guidance = 1.0  # no CFG: FLUX.1-dev's guidance is embedded
+    t = c.train = ml_collections.ConfigDict()
+    t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8
+    t.max_grad_norm = 1.0
+    t.max_nan_steps = 20
+    c.advantage = dict(std="global", ddof=0, eps=1e-4)
+    m = c.grpo = FlowGRPO.defaults()
+    m.guidance = 1.0
+    if variant == "grpo":
+        s.shift = "dynamic"  # FLUX's resolution-dependent shift (the pipeline's scheduler)
+        c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=128.0, targets=FLUX_FLOW_GRPO_TARGETS))
+        s.num_steps = 6
+        t.steps, t.lr, t.weight_decay = 6000, 3e-4, 1e-4
+        t.prompts_per_batch, t.group_size = 48, 24
+        t.minibatches, t.grad_accum = 12, 6  # 96 images per minibatch, two optimizer steps per epoch
+        m.update(kind="sde", noise_level=0.9, beta=0.04 if task == "geneval" else 0.0, timestep_fraction=0.99)
+        c.eval_every = c.checkpoint_every = 30
+    else:  # DanceGRPO / MixGRPO: full fine-tuning of the transformer
+        c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=()))
+        w.resolution = 720
+        s.shift = 3.0  # their own shift-3 linspace (schedule="dance"), not FLUX's dynamic shift (a float: any
+        # "--config.sample.shift=dynamic" override is refused by the dance schedule)
+        s.same_noise_per_group = True  # --init_same_noise
+        t.steps, t.lr, t.weight_decay = 300, 1e-5, 1e-4
+        t.group_size = 12  # --num_generations
+        c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)  # --use_group: unbiased group std + 1e-8
+        m.update(schedule="dance", integer_timesteps=True, beta=0.0, clip_range=1e-4, adv_clip=5.0,
+                 filter_zero_advantage=False)
+        m.eval_ema.decay = 0.0  # no EMA copy in either reference
+        if variant == "dance":
+            s.num_steps = 16
+            t.prompts_per_batch, t.minibatches, t.grad_accum = 16, 12, 4  # 16 GPUs, 3 optimizer steps per epoch
+            m.update(kind="dance", noise_level=0.3, random_steps=True, timestep_fraction=0.6)
+            c.eval_every = c.checkpoint_every = 40
+        else:
+            s.num_steps = 25
+            t.prompts_per_batch, t.minibatches, t.grad_accum = 32, 12, 3  # 32 GPUs, 4 optimizer steps per epoch
+            m.update(kind="sde", noise_level=0.7)
+            m.window.update(size=4, schedule="progressive", shift_interval=25, stride=1, roll_back=True)
+            c.eval_every = c.checkpoint_every = 50
+    s.latent_size = (w.resolution // 8, w.resolution // 8)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.sharding_rules = sharding.DEFAULT_RULES
     c.keep_checkpoints = 2

@@ -149,6 +149,39 @@ def dance_sigmas(num_steps: int, shift: float = 3.0) -> jnp.ndarray:
     return jnp.asarray(time_shift(lin, np.float32(shift)).astype(np.float32))
 
 
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX.1's resolution-dependent shift mu: linear in the number of packed image tokens, base_shift at
+    base_seq_len and max_shift at max_seq_len (diffusers 0.42 `pipelines/flux/pipeline_flux.py`,
+    `calculate_shift`; the defaults are its, the pipeline reads them from the scheduler config)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flux_sigmas(num_steps: int, *, mu: float | None = None, shift: float = 1.0,
+                time_shift_type: str = "exponential") -> jnp.ndarray:
+    """FluxPipeline's sigma schedule `[num_steps + 1]` (float32), ending in 0.
+
+    Equal to diffusers' `FlowMatchEulerDiscreteScheduler(...).set_timesteps(sigmas=np.linspace(1, 1/N, N), mu=mu)`
+    `.sigmas` (diffusers 0.42 `schedulers/scheduling_flow_match_euler_discrete.py`): the linspace in float32,
+    then with `mu` (the scheduler's `use_dynamic_shifting`, FLUX.1-dev) the resolution shift
+    e^mu / (e^mu + 1/s - 1) ("exponential", its default) or mu / (mu + 1/s - 1) ("linear"), else the fixed
+    `time_shift(s, shift)` (FLUX.1-schnell: shift 1, the plain linspace). Computed in float32 as numpy does there.
+    """
+    num_steps = _check_schedule_args(num_steps, shift)
+    s = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    if mu is None:
+        out = time_shift(s, float(shift))  # a Python float with a float32 array: float32 arithmetic, as there
+    else:
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+        if not math.isfinite(mu) or (time_shift_type == "linear" and mu <= 0):
+            raise ValueError(f"mu must be finite (and positive for the linear shift), got {mu!r}")
+        a = np.float32(math.exp(mu) if time_shift_type == "exponential" else mu)
+        out = a / (a + (np.float32(1.0) / s - np.float32(1.0)))
+    return jnp.asarray(np.append(out.astype(np.float32), np.float32(0.0)))
+
+
 # --------------------------------------------------------------------------- kernels
 
 
@@ -365,6 +398,18 @@ def _check_window(window, num_steps):
 # --------------------------------------------------------------------------- multistep solvers
 
 
+def step_noise(key, shape, rows=None) -> jax.Array:
+    """Standard normal noise [B, ...] for one step: `normal(key, shape)`, or with `rows` ([B] int, each
+    row's index in the whole batch) `normal(fold_in(key, row), shape[1:])` per row, so that a row's noise
+    does not depend on which other rows share the call (micro-batched rollouts draw what whole-batch ones do)."""
+    if rows is None:
+        return jax.random.normal(key, shape, jnp.float32)
+    rows = jnp.asarray(rows, jnp.int32)
+    if rows.shape != (shape[0],):
+        raise ValueError(f"rows must be [{shape[0]}] (one index per batch row), got shape {rows.shape}")
+    return jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), shape[1:], jnp.float32))(rows)
+
+
 def _half_log_snr(sig):
     """lambda = log(alpha / sigma) with alpha = 1 - sigma: -inf at sigma = 1, +inf at sigma = 0."""
     return jnp.log1p(-sig) - jnp.log(sig)
@@ -415,7 +460,7 @@ def _dpm2_rollout(velocity_fn, x0, sig):
     return traj
 
 
-def _sa_solver_rollout(velocity_fn, x0, sig, key, tau, tau_interval):
+def _sa_solver_rollout(velocity_fn, x0, sig, key, tau, tau_interval, rows=None):
     """AWM's SA-Solver in one `lax.scan` of num_steps model evaluations.
 
     Follows scxue/advantage_weighted_matching@be51372, advantage_weighted_matching/flow_grpo/
@@ -458,7 +503,7 @@ def _sa_solver_rollout(velocity_fn, x0, sig, key, tau, tau_interval):
         if key is None:  # tau is 0: no noise term to draw
             noise = jnp.zeros_like(x)
         else:
-            noise = jax.random.normal(kk, x.shape, jnp.float32)
+            noise = step_noise(kk, x.shape, rows)
         common = (
             (jnp.exp(-tau2 * h) * (t / s1)) * x
             + (alpha * -jnp.expm1(-c * h)) * m1
@@ -524,6 +569,7 @@ def rollout(
     noise_level=None,
     sde_window=None,
     sa_tau_interval=None,
+    rows=None,
 ) -> Rollout:
     """Sample from `noise` (x at sigmas[0]) to sigmas[-1] in one `jax.lax.scan`.
 
@@ -542,7 +588,8 @@ def rollout(
     sa_tau_interval: (low, high), sa_solver only: tau applies on steps whose target sigma is in
       [low, high], 0 elsewhere; default `SA_TAU_INTERVAL` = AWM's (0.3, 0.9).
     key: PRNG key for the step noise; may be None for "ode", "dpm2" and "sa_solver" with tau 0. Step i
-      draws `jax.random.normal(jax.random.split(key, T)[i], x.shape)`.
+      draws `jax.random.normal(jax.random.split(key, T)[i], x.shape)`, or with `rows` ([B] int: each row's
+      index in the whole batch) the row's own `step_noise`, so a micro-batched rollout equals the whole one.
 
     Returns Rollout(latents [T+1, B, ...], log_probs [T, B], sigmas [T+1]), all float32, T = len(sigmas) - 1,
     latents[0] = noise and latents[-1] = the final sample for every kind. Kernels and dpm2: latents[i] is
@@ -565,7 +612,7 @@ def rollout(
         if kind == "dpm2":
             traj = _dpm2_rollout(velocity_fn, x0, sig)
             return Rollout(jnp.concatenate([x0[None], traj], axis=0), zero_log_probs, sig)
-        traj, final = _sa_solver_rollout(velocity_fn, x0, sig, key, jnp.asarray(level, jnp.float32), interval)
+        traj, final = _sa_solver_rollout(velocity_fn, x0, sig, key, jnp.asarray(level, jnp.float32), interval, rows)
         return Rollout(jnp.concatenate([traj, final[None]], axis=0), zero_log_probs, sig)
 
     if sa_tau_interval is not None:
@@ -584,7 +631,7 @@ def rollout(
         if kind == "ode":
             x_next = ode_step(x, v, s, s_next).x_next
             return x_next, (x_next, jnp.zeros((batch,), jnp.float32))
-        eps = jax.random.normal(k, x.shape, jnp.float32)
+        eps = step_noise(k, x.shape, rows)
         st = step(kind, x, v, s, s_next, eps, level=level, sig_max=sig_max)
         x_next, lp = st.x_next, _log_prob(kind, st.x_next, st)
         if window is not None:

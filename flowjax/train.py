@@ -36,18 +36,21 @@ def _define_flags():
 
 def build(config, workdir, mesh=None) -> Trainer:
     """Model and world of a config: `world.name` "shapes" (the shipped base model and its world), "sd3"
-    (a diffusers SD3 / SD3.5 folder, prompt files and a reward: configs/geneval.py, ocr.py, pickscore.py) or
-    "toy" (a randomly initialised MMDiT steering colours)."""
+    (a diffusers SD3 / SD3.5 folder, prompt files and a reward: configs/geneval.py, ocr.py, pickscore.py), "flux"
+    (a diffusers FLUX.1 folder: configs/flux_pickscore.py, flux_geneval.py) or "toy" (a randomly initialised
+    MMDiT steering colours)."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     name = config.world.get("name", "toy")
     if name == "shapes":
         return _build_shapes(config, workdir, mesh, dtype)
-    if name == "sd3":
-        return _build_sd3(config, workdir, mesh, dtype)
+    if name in ("sd3", "flux"):
+        return _build_pipeline_world(config, workdir, mesh, dtype, name)
     if name != "toy":
-        raise ValueError(f"world.name must be 'shapes', 'sd3' or 'toy', got {name!r}")
-    arch = MMDiTConfig(**config.model)
-    model = MMDiT(arch, rngs=nnx.Rngs(config.seed), dtype=dtype)
+        raise ValueError(f"world.name must be 'shapes', 'sd3', 'flux' or 'toy', got {name!r}")
+    arch = MMDiTConfig(**config.arch)
+    m = config.get("model") or {}
+    model = MMDiT(arch, rngs=nnx.Rngs(config.seed), dtype=dtype, attention_impl=m.get("attention", "xla"),
+                  remat=m.get("remat", "none"))
     world = ToyWorld(text_len=config.world.text_len, joint_dim=arch.joint_attention_dim,
                      pooled_dim=arch.pooled_projection_dim, channels=arch.in_channels,
                      num_prompts=config.world.num_prompts, target_scale=config.world.target_scale, seed=config.seed)
@@ -149,21 +152,26 @@ def load_reward(reward_config, mesh=None):
     return rewards.load(name, path, **options)
 
 
-def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
-    """An SD3 / SD3.5 pipeline folder, its prompt set and reward (configs/geneval.py, ocr.py, pickscore.py)."""
+_PIPELINES = {"sd3": ("SD3 / SD3.5", "stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-medium"),
+              "flux": ("FLUX.1", "FLUX.1-dev", "black-forest-labs/FLUX.1-dev")}
+
+
+def _build_pipeline_world(config, workdir, mesh, dtype, name: str) -> Trainer:
+    """A diffusers SD3 / SD3.5 or FLUX.1 pipeline folder, its prompt set and reward (configs/geneval.py, ocr.py,
+    pickscore.py, flux_pickscore.py, flux_geneval.py)."""
     from flowjax import sharding as sharding_lib
     from flowjax.data.prompts import load_prompts
+    from flowjax.pipeline import FluxPipeline, SD3Pipeline
     from flowjax.worlds.sd3 import SD3World
-    from flowjax.pipeline import SD3Pipeline
 
     w = config.world
+    what, folder, repo = _PIPELINES[name]
     if not w.get("model"):
-        raise ValueError("config.world.model is not set: pass "
-                         "--config.world.model=/path/to/stable-diffusion-3.5-medium "
-                         "(a diffusers SD3 / SD3.5 pipeline folder, with model_index.json)")
+        raise ValueError(f"config.world.model is not set: pass --config.world.model=/path/to/{folder} "
+                         f"(a diffusers {what} pipeline folder, with model_index.json)")
     if not Path(w.model).is_dir():
-        raise FileNotFoundError(f"config.world.model={w.model!r} is not a folder; give a local diffusers SD3 / SD3.5 "
-                                "pipeline folder (e.g. a download of stabilityai/stable-diffusion-3.5-medium)")
+        raise FileNotFoundError(f"config.world.model={w.model!r} is not a folder; give a local diffusers {what} "
+                                f"pipeline folder (e.g. a download of {repo})")
     param_dtype = config.get("param_dtype", "float32")
     if param_dtype not in _DTYPES:
         raise ValueError(f"config.param_dtype must be one of {sorted(_DTYPES)}, got {param_dtype!r}")
@@ -175,24 +183,29 @@ def _build_sd3(config, workdir, mesh, dtype) -> Trainer:
                                      generate_train=w.get("generate_train", 5000),
                                      generate_test=w.get("generate_test", 500), generate_seed=w.get("generate_seed", 0))
     reward = load_reward(config.reward, mesh)
-    pipe = SD3Pipeline.from_pretrained(w.model, dtype=dtype, param_dtype=_DTYPES[param_dtype], mesh=mesh, rules=rules,
-                                       text_encoder_3=w.get("text_encoder_3", True))
+    m = config.get("model") or {}
+    kw = dict(dtype=dtype, param_dtype=_DTYPES[param_dtype], mesh=mesh, rules=rules,
+              attention_impl=m.get("attention", "xla"), remat=m.get("remat", "none"))
+    if name == "flux":
+        pipe = FluxPipeline.from_pretrained(w.model, **kw)
+    else:
+        pipe = SD3Pipeline.from_pretrained(w.model, text_encoder_3=w.get("text_encoder_3", True), **kw)
     resolution = int(w.get("resolution", 512))
     latent = pipe.check_size(resolution, resolution)
     if tuple(config.sample.latent_size) != latent:
         raise ValueError(f"sample.latent_size must be {latent} for world.resolution={resolution} with this VAE "
                          f"(vae_scale_factor {pipe.vae_scale_factor}), got {tuple(config.sample.latent_size)}; set "
                          f"--config.sample.latent_size='{latent}'")
-    batch_sharding = None
-    if jax.process_count() > 1 or config.reward.get("per_shard_calls", False):
-        from jax.sharding import NamedSharding, PartitionSpec
+    # Host rewards are called per device shard: each host scores its own rows, no batch gathers to one device.
+    from jax.sharding import NamedSharding, PartitionSpec
 
-        batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     world = SD3World(pipe, train, reward, eval_prompts=evaluation if w.get("eval_split", "test") else None,
                      resolution=resolution, max_sequence_length=w.get("max_sequence_length", 128),
                      precompute_limit=w.get("precompute_limit", 256),
                      encode_batch_size=w.get("encode_batch_size", 32),
-                     metrics=tuple(config.reward.get("metrics", ())), sharding=batch_sharding)
+                     metrics=tuple(config.reward.get("metrics", ())), sharding=batch_sharding,
+                     guidance=w.get("guidance", 3.5))
     return Trainer(config, workdir, model=pipe.transformer, world=world, mesh=mesh,
                    base=Path(w.model) / "transformer")
 

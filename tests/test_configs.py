@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import geneval, ocr, pickscore
+from configs import flux_geneval, flux_pickscore, geneval, ocr, pickscore
 from flowjax import sharding
 from flowjax.rl.trainer import validate
 from flowjax.train import build
@@ -87,6 +87,23 @@ def test_every_variant_builds_and_validates(name, variant):
                                                           "pickscore": (1.0, 1, 1)}[name]
         assert batch // c.train.minibatches == 72 and (m.kl_beta, m.timestep_fraction) == (1e-4, 0.99)
         assert m.eval_ema.to_dict() == {"decay": 0.9, "every": 1, "cadence": "update"}
+
+
+@pytest.mark.parametrize("devices", [8, 16, 32, 64])
+def test_every_recipe_starts_on_meshes_of_8_to_64_devices(devices):
+    """Rollout batches divide the devices; minibatches are padded with zero-weight rows (under one row per
+    device) where they do not (NFT's 72, AWM's 96, Flow-GRPO's 288 on 64 devices)."""
+    from flowjax.rl.method import build_method
+    from flowjax.rl.trainer import minibatch_layout
+
+    for module in CONFIGS.values():
+        for variant in module.VARIANTS:
+            c = module.get_config(variant)
+            batch = c.train.prompts_per_batch * c.train.group_size
+            assert batch % devices == 0, (module.__name__, variant, devices)
+            size, padded, calls = minibatch_layout(build_method(c).rows(batch), c.train.minibatches, devices)
+            assert padded % devices == 0 and 0 <= padded - size < devices and calls == 1
+    assert minibatch_layout(72, 1, 32) == (72, 96, 1) and minibatch_layout(288, 1, 64, micro=2) == (288, 384, 3)
 
 
 def test_default_variant_is_grpo():
@@ -266,7 +283,8 @@ def test_ocr_nft_one_step(tiny, servers, tmp_path):
     c = shrink(ocr.get_config("nft"), tiny["model"])
     c.world.prompts = str(tiny["ocr"])
     c.world.precompute_limit = 1  # 3 training prompts: encoded per batch; the 1 test prompt up front
-    c.reward.url = servers["ocr"].url + "/score"
+    c.reward.name, c.reward.url = "remote", servers["ocr"].url + "/score"  # the server option of configs/ocr.py
+    c.reward.options = {"timeout": 120.0, "retries": 3, "batch_size": 64}
     c.reward.metrics = ("chars",)
     trainer, rows = run_one_step(c, tmp_path)
     world = trainer.world
@@ -281,6 +299,7 @@ def test_ocr_nft_one_step(tiny, servers, tmp_path):
     np.testing.assert_allclose(np.asarray(pooled, np.float32)[2], np.asarray(ref_pooled, np.float32)[0], atol=1e-5)
 
 
+@pytest.mark.slow  # ~2 min on a busy 2-core CPU
 def test_geneval_gdro_one_step(tiny, servers, tmp_path):
     """GDRO online: ODE rollouts with CFG, raw GenEval rewards ranked within each group."""
     c = shrink(geneval.get_config("gdro"), tiny["model"])
@@ -290,12 +309,14 @@ def test_geneval_gdro_one_step(tiny, servers, tmp_path):
     assert rows[1]["nfe/rollout"] > 0 and math.isfinite(rows[1]["rank_loss"]) and rows[1]["fm_loss"] > 0
 
 
+@pytest.mark.slow  # ~2 min on a busy 2-core CPU
 def test_ocr_gdro_offline_one_step(tiny, servers, tmp_path):
     """GDRO offline: the dataset (one batch here) sampled by the base model and scored into WORKDIR/rollouts/,
     then one training step on it."""
     c = shrink(ocr.get_config("gdro_offline"), tiny["model"])
     c.world.prompts = str(tiny["ocr"])
-    c.reward.url = servers["ocr"].url + "/score"
+    c.reward.name, c.reward.url = "remote", servers["ocr"].url + "/score"  # the server option of configs/ocr.py
+    c.reward.options = {"timeout": 120.0, "retries": 3, "batch_size": 64}
     c.gdro.offline_batches = 1
     trainer, rows = run_one_step(c, tmp_path)
     assert rows[1]["nfe/rollout"] == 0 and rows[1]["nfe/dataset"] > 0 and rows[1]["images/sampled"] == 4
@@ -310,12 +331,80 @@ def test_pickscore_awm_one_step(tiny, tmp_path):
     trainer, rows = run_one_step(c, tmp_path)
     world = trainer.world
     assert world.components[0].jittable and world.state["tokens"]["pickscore"].shape == (3, 16)
+    # every prompt is in the precomputed tables: the text encoders left device memory
+    assert world.encoders_released and world.pipe.text_encoder is None and world.pipe.text_encoder_3 is None
     # the world's reward equals the reward object's own scoring of the decoded images
     noise = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     ours = jax.jit(world.reward)(noise, jnp.asarray([2, 0]))
     images = world.images(noise)
     ref = world.reward_fn(images, [world.prompts[2].prompt, world.prompts[0].prompt])
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- FLUX.1
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    """A tiny random FLUX.1-dev pipeline folder (guidance embedding, dynamic shift)."""
+    pytest.importorskip("diffusers")
+    from tiny_flux import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("flux") / "flux", dev=True)
+
+
+def shrink_flux(c, model, tiny, servers):
+    """Tiny sizes for the FLUX recipes: 16 px (latent 8 x 8), a few steps, 2 prompts x 2 images, and the tiny
+    PickScore model in place of PickScore / HPS-v2.1 (the HPS recipes' method runs unchanged)."""
+    c.world.model, c.world.resolution, c.world.max_sequence_length = str(model), 16, 8
+    c.world.encode_batch_size = 4
+    c.sample.latent_size, c.sample.eval_num_steps, c.sample.num_eval_prompts = (8, 8), 2, 1
+    c.sample.num_steps = {"grpo": 2, "dance": 3, "mixgrpo": 4}[c.variant]
+    if c.variant == "mixgrpo":
+        c.grpo.window.size = 2
+    c.train.prompts_per_batch, c.train.group_size = 2, 2
+    c.train.minibatches, c.train.grad_accum, c.train.steps = 1, 1, 1
+    if c.lora.rank:
+        c.lora.rank, c.lora.alpha = 2, 4.0
+    c.dtype = c.param_dtype = "float32"
+    c.eval_every = c.checkpoint_every = 1
+    c.tensorboard, c.grid_size = False, 2
+    if c.reward.name == "geneval_remote":
+        c.reward.url = servers["geneval"].url
+        c.world.generate_train, c.world.generate_test = 4, 1
+    else:
+        c.world.prompts, c.world.prompt_kind = str(tiny["plain"]), "plain"
+        c.reward.name, c.reward.path = "pickscore", str(tiny["pickscore"])
+    return c
+
+
+@pytest.mark.parametrize("module, variant", [(flux_pickscore, v) for v in flux_pickscore.VARIANTS] +
+                         [(flux_geneval, v) for v in flux_geneval.VARIANTS])
+def test_flux_variants_one_step(module, variant, tiny, tiny_flux, servers, tmp_path):
+    """One training step of each FLUX recipe on a tiny random FLUX.1-dev pipeline: the FLUX world (CLIP-L
+    pooled + T5 conditioning, FLUX VAE, embedded guidance), the recipe's schedule and method."""
+    c = shrink_flux(module.get_config(variant), tiny_flux, tiny, servers)
+    trainer, rows = run_one_step(c, tmp_path)
+    assert trainer.world.flux and trainer.world.model_guidance == 3.5
+    if c.sample.shift == "dynamic":  # the pipeline's resolution-dependent schedule
+        np.testing.assert_allclose(np.asarray(trainer.sigmas), np.asarray(trainer.world.pipe.sigmas(2, 16, 16)))
+    assert math.isfinite(rows[-1]["reward/mean"]) and math.isfinite(rows[-1]["loss"])
+
+
+def test_flux_sharded_run_matches_single_device(tiny, tiny_flux, servers, tmp_path):
+    """Flow-GRPO on FLUX: 8 simulated devices (data 2 x fsdp 4) log what one device logs."""
+    runs = {}
+    for name, mesh in (("one", single_device_mesh()), ("eight", sharding.make_mesh({"data": 2, "fsdp": 4}))):
+        c = shrink_flux(flux_pickscore.get_config("grpo"), tiny_flux, tiny, servers)
+        c.train.group_size, c.train.steps, c.eval_every = 4, 2, 2
+        trainer = build(c, tmp_path / name, mesh=mesh)
+        trainer.train()
+        trainer.close()
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["one"], runs["eight"], strict=True):
+        for key in ("reward/mean", "eval/reward_mean", "policy_loss", "grad_norm"):
+            if key in a:
+                np.testing.assert_allclose(b[key], a[key], rtol=2e-3, atol=1e-5, err_msg=key)
 
 
 # ----------------------------------------------------------------------------- multi-reward world, errors

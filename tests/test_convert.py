@@ -168,8 +168,8 @@ def test_wrong_shape_is_listed(reference, tmp_path):
 
 def test_config_of_another_model(reference, tmp_path):
     shutil.copy(reference[0] / "diffusion_pytorch_model.safetensors", tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(CheckpointError, match="not an SD3Transformer2DModel"):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(CheckpointError, match="UNet2DConditionModel, not an SD3Transformer2DModel or FluxTrans"):
         load_transformer(tmp_path)
 
 

@@ -15,7 +15,7 @@ from configs import toy
 from flowjax import sharding
 from flowjax.data.sampler import KRepeatSampler
 from flowjax.rl import gdro as gdro_lib
-from flowjax.rl.method import Context, velocity
+from flowjax.rl.method import Context
 from flowjax.rl.trainer import validate
 from flowjax.train import build
 from test_methods import PARAMS, REF, cond, linear_apply  # noqa: F401  (the tiny linear velocity model)
@@ -186,6 +186,44 @@ def test_grads_against_numpy_on_the_linear_model(shared, expectation, draws_):
             np.testing.assert_allclose(float(grads[name][i]), fd, rtol=2e-3, atol=1e-5, err_msg=f"{name}[{i}]")
 
 
+def test_padding_rows_and_micro_calls_train_what_the_whole_minibatch_does():
+    """The trainer pads a minibatch with weight-0 rows (to a multiple of the devices) and splits it into
+    `train.micro_batch` calls of whole groups, combined by their weights: both give the whole minibatch's loss
+    and gradient (the padding forms weight-0 groups; the (t, eps) draws are keyed by the rows' positions)."""
+    method, c = gdro_method(num_train_timesteps=2, expectation="inside")
+    rewards = jnp.asarray([0.2, 0.9, 0.5, 0.5, 1.0, 0.0])
+    x0 = jax.random.normal(jax.random.key(4), (6, 4, 4, 3))
+    cd = cond()
+    adv = method.advantages(rewards, jnp.asarray([0, 0, 1, 1, 2, 2]), 3, {})
+    sig = method.schedule(c.sample.num_steps, c.sample.shift)
+    run = jax.jit(lambda p, m, kk: method.grads(Context(linear_apply, REF, sig), p, None, m, None, kk))
+    key = jax.random.key(3)
+
+    def mb(rows, weights=None):
+        rows = np.asarray(rows)
+        return {"x0": x0[rows], "cond": cd.rows(rows), "advantages": adv[rows],
+                "weights": jnp.ones((len(rows),)) if weights is None else jnp.asarray(weights, jnp.float32)}
+
+    whole_g, whole_m = run(PARAMS, {**mb(range(6)), "pos": jnp.arange(6)}, key)
+    # 3 padding rows (the first rows again, weight 0, as np.resize pads): 9 rows, not a multiple of k = 2
+    pad_g, pad_m = run(PARAMS, {**mb([0, 1, 2, 3, 4, 5, 0, 1, 2], [1] * 6 + [0] * 3), "pos": jnp.arange(9)}, key)
+    # two calls of whole groups (the second padded with a weight-0 group: one shape, one compile), the rows'
+    # positions in the minibatch, combined with the weights of their real rows (4 and 2)
+    a_g, a_m = run(PARAMS, {**mb([0, 1, 2, 3]), "pos": jnp.arange(4)}, key)
+    b_g, b_m = run(PARAMS, {**mb([4, 5, 0, 1], [1, 1, 0, 0]), "pos": jnp.arange(4, 8)}, key)
+    for name in ("w", "b"):
+        np.testing.assert_allclose(np.asarray(pad_g[name]), np.asarray(whole_g[name]), rtol=1e-5, atol=1e-8)
+        split = (4 * np.asarray(a_g[name]) + 2 * np.asarray(b_g[name])) / 6
+        np.testing.assert_allclose(split, np.asarray(whole_g[name]), rtol=1e-5, atol=1e-8)
+    for m in ("loss", "rank_loss", "fm_loss", "policy_error"):
+        np.testing.assert_allclose(float(pad_m[m]), float(whole_m[m]), rtol=1e-5, err_msg=m)
+        np.testing.assert_allclose((4 * float(a_m[m]) + 2 * float(b_m[m])) / 6, float(whole_m[m]), rtol=1e-5,
+                                   err_msg=m)
+    c.train.micro_batch = 3  # a gradient call must hold whole groups of k = 2
+    with pytest.raises(ValueError, match="multiple of train.group_size"):
+        validate(c)
+
+
 def test_one_draw_inside_equals_outside():
     """With one (t, eps) draw the expectation inside the implicit reward and Diffusion-DPO's outside agree."""
     rewards = jnp.asarray([0.2, 0.9, 0.5, 0.5, 1.0, 0.0])
@@ -252,6 +290,20 @@ def test_minibatches_hold_whole_groups():
         validate(c)
 
 
+def test_toy_and_shapes_variants_validate_and_compare_labels_them():
+    from configs import shapes
+    from flowjax.compare import LABELS
+
+    for module in (toy, shapes):
+        for variant in ("gdro", "gdro_offline"):
+            c = module.get_config(variant)
+            validate(c)
+            assert c.method == "gdro" and c.gdro.offline == (variant == "gdro_offline") and c.train.group_size
+    c = shapes.get_config("gdro")
+    assert (c.train.group_size, c.gdro.tau, c.gdro.beta, c.gdro.gamma) == (6, 0.05, 6.0, 1.0)
+    assert LABELS["gdro"] == "GDRO (online)" and LABELS["gdro_offline"] == "GDRO (offline)"
+
+
 # ----------------------------------------------------------------------------- offline mode on the toy world
 
 
@@ -259,6 +311,42 @@ def single_device_mesh():
     return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
+def test_rollout_store_resumes_and_refuses_other_settings(tmp_path):
+    """The dataset's files (numpy only): missing batches are listed (a run killed while sampling resumes with
+    them), epochs are a pure function of (seed, epoch) and cover every stored group once per pass, and a dataset
+    sampled with other settings is refused."""
+    from flowjax.rl.rollout_store import RolloutStore
+
+    meta = dict(num_batches=3, prompts_per_batch=2, group_size=3, seed=5)
+    store = RolloutStore(tmp_path / "rollouts", meta)
+    store.check_meta()
+    sampler = KRepeatSampler(10, 2, 3, seed=5)
+    for i in (0, 2):
+        p, g = sampler.batch(i)
+        store.write(i, p, g, {"x0": np.full((6, 2), float(i))}, {"reward": np.arange(6.0) + 10 * i})
+    assert store.missing() == [1]
+    with pytest.raises(FileNotFoundError, match="1 of the 3 batches"):
+        store.load()
+    p, g = sampler.batch(1)
+    store.write(1, p, g, {"x0": np.full((6, 2), 1.0)}, {"reward": np.arange(6.0) + 10})
+    data = RolloutStore(tmp_path / "rollouts", meta).load()
+    assert data.steps_per_pass == 3
+    seen = []
+    for step in range(3):
+        prompts, groups, keep, scores = data.epoch(step)
+        again = data.epoch(step)
+        np.testing.assert_array_equal(prompts, again[0])
+        np.testing.assert_array_equal(keep["x0"], again[2]["x0"])
+        np.testing.assert_array_equal(groups, [0, 0, 0, 1, 1, 1])
+        for grp in scores["reward"].reshape(2, 3):  # a stored group: one batch, one group's rows
+            assert len({int(x) // 10 for x in grp}) == 1
+            seen.append(tuple(grp))
+    assert len(set(seen)) == 6  # a pass covers every stored group once
+    with pytest.raises(ValueError, match="sampled with other settings"):
+        RolloutStore(tmp_path / "rollouts", {**meta, "group_size": 4}).check_meta()
+
+
+@pytest.mark.slow
 def test_offline_dataset_is_sampled_once_and_reused(tmp_path):
     """gdro_offline: the dataset (offline_batches batches sampled by the reference policy) is written to
     WORKDIR/rollouts/ at the first epoch, its cost logged once; a resumed run reuses the files and samples
@@ -298,3 +386,31 @@ def test_offline_dataset_is_sampled_once_and_reused(tmp_path):
             trainer._prepare_stored_rollouts()
     finally:
         trainer.close()
+
+
+@pytest.mark.slow
+def test_micro_batched_runs_equal_whole_ones(tmp_path):
+    """sample.micro_batch (the offline dataset's rollouts and the online ones) and train.micro_batch (gradient
+    calls of whole groups) change nothing: the stored dataset and the trained parameters after one epoch match
+    an unsplit run's."""
+    out = {}
+    for variant in ("gdro", "gdro_offline"):
+        for micro in (0, 1):
+            c = toy.get_config(variant)
+            c.train.update(steps=1, prompts_per_batch=2, group_size=4, minibatches=1, grad_accum=1,
+                           micro_batch=4 * micro)
+            c.sample.micro_batch = 2 * micro
+            c.gdro.offline_batches = 1
+            c.eval_every = c.checkpoint_every = 1
+            work = tmp_path / f"{variant}_{micro}"
+            trainer = build(c, work, mesh=single_device_mesh())
+            assert (trainer.micro_rows, trainer.train_calls) == ((2, 2) if micro else (0, 1))
+            trainer.train_step()
+            out[variant, micro] = jax.device_get(trainer.state.params)
+            trainer.close()
+        for a, b in zip(jax.tree.leaves(out[variant, 0]), jax.tree.leaves(out[variant, 1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    with np.load(tmp_path / "gdro_offline_0" / "rollouts" / "batch_000000.npz") as f0, \
+            np.load(tmp_path / "gdro_offline_1" / "rollouts" / "batch_000000.npz") as f1:
+        for name in f0.files:
+            np.testing.assert_allclose(f0[name], f1[name], rtol=1e-5, atol=1e-6, err_msg=name)

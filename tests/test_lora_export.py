@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -25,6 +23,7 @@ from flowjax.convert import CheckpointError, WeightsMismatchError, load_lora, lo
 from flowjax.convert import save_transformer  # noqa: E402
 from flowjax.convert.lora import adapter_spec  # noqa: E402
 from flowjax.models import lora  # noqa: E402
+from lora_training import train_adapters  # noqa: E402
 from test_mmdit import CONFIGS, make_reference, random_inputs, reference_velocity, rel_err  # noqa: E402
 
 CONFIG, HW, TEXT_LEN = CONFIGS["sd35_medium"]  # dual-attention stack, plain blocks, pre-only last block
@@ -62,32 +61,11 @@ def trained(tmp_path_factory):
     make_reference(CONFIG).save_pretrained(base)
     model = load_transformer(base, dtype=jnp.float32)
     lora.apply(model, lora.LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
-    graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
     g = np.random.default_rng(0)
     x0 = jnp.asarray(g.standard_normal((2, *HW, CONFIG["in_channels"])), jnp.float32)
     ctx = jnp.asarray(g.standard_normal((2, TEXT_LEN, CONFIG["joint_attention_dim"])), jnp.float32)
     pooled = jnp.asarray(g.standard_normal((2, CONFIG["pooled_projection_dim"])), jnp.float32)
-
-    def loss_fn(p, key):
-        k1, k2 = jax.random.split(key)
-        sigma = jax.random.uniform(k1, (2,))
-        eps = jax.random.normal(k2, x0.shape)
-        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
-        v = nnx.merge(graphdef, p, rest)(xt, sigma * 1000, ctx, pooled)
-        return jnp.mean((v - (eps - x0)) ** 2)
-
-    opt = optax.adam(3e-2)
-
-    @jax.jit
-    def step(p, s, key):
-        grads = jax.grad(loss_fn)(p, key)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s
-
-    state = opt.init(params)
-    for i in range(3):
-        params, state = step(params, state, jax.random.key(i))
-    nnx.update(model, params)
+    train_adapters(model, x0, ctx, pooled)
     b = model.stacks[1].blocks.attn.to_q.lora_b[...]
     assert float(jnp.abs(b).max()) > 1e-2  # the adapters moved away from their no-op init
     inputs = random_inputs(CONFIG, HW, TEXT_LEN, batch=2)

@@ -268,8 +268,9 @@ def test_awm_draws_timesteps_per_device_microbatch():
     t = np.asarray(method.train_timesteps(key, 8, sig))  # [K, B]: 4 groups of 2 rows
     assert np.all(t[:, 0::2] == t[:, 1::2])
     assert len({tuple(t[:, g]) for g in range(0, 8, 2)}) > 1  # the groups draw independently
-    for g, k in enumerate(jax.random.split(key, 4)):
-        idx = awm_timestep_indices(k, 6, num_train_timesteps=3, timestep_fraction=c.awm.timestep_fraction)
+    for g in range(4):  # a group's draw is keyed by the group (its rows' position // rows_per_draw)
+        idx = awm_timestep_indices(jax.random.fold_in(key, g), 6, num_train_timesteps=3,
+                                   timestep_fraction=c.awm.timestep_fraction)
         np.testing.assert_array_equal(t[:, 2 * g], np.asarray(sig)[np.asarray(idx)])
     c.awm.rows_per_draw = 3
     with pytest.raises(ValueError, match="rows_per_draw=3 must divide the minibatch of 8 rows"):

@@ -84,7 +84,13 @@ def test_resume_continues_exactly(tmp_path):
     run(tmp_path / "straight", 4)
     run(tmp_path / "resumed", 3)  # checkpoints at 2 and 3 ("killed" after step 3)
     (tmp_path / "resumed" / "metrics.jsonl").open("a").write('{"step": 4, "reward/mean": -1}\n')  # a half-written step
+    # The newest checkpoint is damaged: the run moves it aside, resumes from step 2 and redoes step 3 exactly.
+    damaged = tmp_path / "resumed" / "checkpoints" / "3"
+    for f in (f for f in damaged.rglob("*") if f.is_file() and f.stat().st_size > 0):
+        f.write_bytes(b"\0" * 7)
     run(tmp_path / "resumed", 4)
+    aside = list((tmp_path / "resumed" / "damaged_checkpoints").glob("3-*"))
+    assert len(aside) == 1 and not damaged.exists() and "step 3" in (aside[0].parent / "log.txt").read_text()
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 1, 2, 3, 4]
     # DiffusionNFT's old policy decays on the optimizer-step clock, 2 steps per epoch here
@@ -147,6 +153,54 @@ def test_command_line(tmp_path):
     assert "eval_ema/reward_mean" in rows[0] and "train/kept_fraction" in rows[1]
     assert (tmp_path / "checkpoints").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_unreadable_checkpoints_stop_with_a_message(tmp_path):
+    c = config("grpo", steps=1)
+    c.checkpoint_every, c.eval_every = 1, 1
+    trainer = build(c, tmp_path, mesh=single_device_mesh())
+    trainer.train()
+    trainer.close()
+    for f in (f for f in (tmp_path / "checkpoints").rglob("*") if f.is_file() and f.stat().st_size > 0):
+        f.write_bytes(b"\0")
+    with pytest.raises(RuntimeError, match="no checkpoint in .*checkpoints can be read"):
+        build(c, tmp_path, mesh=single_device_mesh())
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
+    """Training killed with SIGKILL at random moments (checkpoint saves included: one per step here) and
+    restarted until it finishes logs exactly what a straight run logs."""
+    import os
+    import signal
+    import time as time_
+
+    from cli_runs import ENV, ROOT
+
+    args = lambda workdir: [sys.executable, "-m", "flowjax.train", "--config=configs/toy.py:nft", f"--workdir={workdir}",
+                            "--config.train.steps=8", "--config.checkpoint_every=1", "--config.eval_every=4",
+                            "--config.tensorboard=False"]
+    subprocess.run(args(tmp_path / "straight"), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=1200)
+    rng, kills = np.random.default_rng(0), 0
+    for attempt in range(12):
+        proc = subprocess.Popen(args(tmp_path / "killed"), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time_.time() + float(rng.uniform(20, 60))
+        while proc.poll() is None and time_.time() < deadline:
+            time_.sleep(0.2)
+        if proc.poll() is not None:
+            assert proc.returncode == 0
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills >= 2, "the run finished before it could be killed twice; lengthen it"
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if not key.startswith("time/"):
+                np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, err_msg=f"step {ra['step']} {key}")
 
 
 def test_export_of_a_run_policy_and_ema(tmp_path):

@@ -88,7 +88,7 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _perturbed(model, scale, seed):
+def perturbed(model, scale, seed):
     import torch
 
     torch.manual_seed(seed)
@@ -138,8 +138,8 @@ def make_tiny_sd3(tmp, seed: int = 0, with_t5: bool = True):
         ))
     for i, m in enumerate([transformer, clip_l, clip_g, t5]):
         if m is not None:
-            _perturbed(m, 0.1, seed + 1 + i)
-    _perturbed(vae, 0.05, seed + 10)
+            perturbed(m, 0.1, seed + 1 + i)
+    perturbed(vae, 0.05, seed + 10)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     return diffusers.StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=tok,
@@ -147,10 +147,16 @@ def make_tiny_sd3(tmp, seed: int = 0, with_t5: bool = True):
     )
 
 
-def save_tiny_sd3(path, seed: int = 0, with_t5: bool = True) -> Path:
-    """Builds the tiny random pipeline and saves it (safetensors) as a diffusers folder at `path`; returns `path`."""
+def save_pipeline(make, path, **kwargs) -> Path:
+    """Builds a tiny torch pipeline with `make(tmp, **kwargs)` (`tmp` a scratch folder for its tokenizer files)
+    and saves it (safetensors) as a diffusers folder at `path`; returns `path`."""
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = make_tiny_sd3(tmp, seed=seed, with_t5=with_t5)
+        pipe = make(tmp, **kwargs)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_tiny_sd3(path, seed: int = 0, with_t5: bool = True) -> Path:
+    """Builds the tiny random pipeline and saves it (safetensors) as a diffusers folder at `path`; returns `path`."""
+    return save_pipeline(make_tiny_sd3, path, seed=seed, with_t5=with_t5)

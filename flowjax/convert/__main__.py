@@ -1,4 +1,4 @@
-"""python -m flowjax.convert: move SD3 / SD3.5 weights between diffusers and flowjax.
+"""python -m flowjax.convert: move SD3 / SD3.5 and FLUX.1 transformer weights between diffusers and flowjax.
 
   import-transformer SRC DST     diffusers transformer folder -> flowjax model folder (orbax)
   export-transformer SRC DST     flowjax model folder or training run -> diffusers folder (from_pretrained
@@ -44,9 +44,17 @@ def _parse_size(text: str | None) -> int | None:
 def _summary(model) -> str:
     from flax import nnx
 
+    from flowjax.models.flux import Flux
+
     params = nnx.state(model, nnx.Param)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     cfg = model.config
+    if isinstance(model, Flux):
+        return (
+            f"FLUX transformer: {cfg.num_layers} double-stream + {cfg.num_single_layers} single-stream blocks, "
+            f"width {cfg.inner_dim}, {cfg.num_attention_heads} heads, guidance_embeds={cfg.guidance_embeds}, "
+            f"{count / 1e6:.1f}M parameters"
+        )
     return (
         f"SD3 transformer: {cfg.num_layers} blocks ({len(cfg.dual_attention_layers)} dual-attention), "
         f"width {cfg.inner_dim}, {cfg.num_attention_heads} heads, qk_norm={cfg.qk_norm}, "
@@ -85,17 +93,18 @@ def main(argv=None) -> int:
     imp.add_argument("dst", help="new flowjax model folder")
     imp.add_argument("--param-dtype", choices=DTYPES, default="float32", help="dtype the weights are stored in")
     exp = sub.add_parser("export-transformer", help="flowjax model folder -> diffusers transformer folder (LoRA merged)",
-                         description="Writes config.json + safetensors for SD3Transformer2DModel.from_pretrained. "
+                         description="Writes config.json + safetensors for SD3Transformer2DModel / "
+                         "FluxTransformer2DModel.from_pretrained. "
                          "LoRA adapters, if the model has any, are merged into the written weights (the "
                          "merge is exact in fp32); use export-lora to write the adapter on its own.")
     exp.add_argument("src", help="flowjax model folder (from import-transformer) or training run (--workdir)")
-    exp.add_argument("dst", help="output folder for SD3Transformer2DModel.from_pretrained")
+    exp.add_argument("dst", help="output folder for SD3Transformer2DModel / FluxTransformer2DModel.from_pretrained")
     exp.add_argument("--dtype", choices=DTYPES, default=None, help="write weights in this dtype (default: as stored)")
     exp.add_argument("--max-shard-size", default=None, help="split into shards of at most this size, e.g. 5GB")
     elo = sub.add_parser("export-lora", help="flowjax model folder with LoRA -> diffusers LoRA folder",
                          description="Writes DST/pytorch_lora_weights.safetensors with the model's LoRA adapters, "
                          "keys transformer.<module>.lora_A/lora_B.weight, rank and alpha in the adapter metadata: "
-                         "StableDiffusion3Pipeline.load_lora_weights(DST) applies it.")
+                         "StableDiffusion3Pipeline / FluxPipeline.load_lora_weights(DST) applies it.")
     elo.add_argument("src", help="flowjax model folder whose model carries LoRA adapters (e.g. from import-lora) "
                      "or a training run (the --workdir of python -m flowjax.train)")
     elo.add_argument("dst", help="output folder (or a .safetensors file name)")
@@ -106,7 +115,7 @@ def main(argv=None) -> int:
                          description="Attaches the LoRA's adapters (its ranks, alpha from its metadata, else "
                          "alpha=rank) to the base transformer and writes a flowjax model folder, e.g. to keep "
                          "training a published LoRA. Text-encoder LoRA weights are refused.")
-    ilo.add_argument("base", help="flowjax model folder, or a diffusers SD3 transformer folder (config.json)")
+    ilo.add_argument("base", help="flowjax model folder, or a diffusers SD3 / FLUX transformer folder (config.json)")
     ilo.add_argument("lora", help="LoRA .safetensors file, or a folder with pytorch_lora_weights.safetensors "
                      "or adapter_model.safetensors (+ adapter_config.json)")
     ilo.add_argument("dst", help="new flowjax model folder")

@@ -20,18 +20,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from flowjax import sharding as sharding_lib
-from flowjax.convert import mapping
+from flowjax.convert import mapping, model_io
 from flowjax.convert.mapping import CONV2D, IDENTITY, LINEAR, Transform, WeightsMismatchError, dense
-from flowjax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config_json, write_safetensors
-from flowjax.models import lora
+from flowjax.convert.safetensors_io import CheckpointError, SafetensorsReader
 from flowjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
 WEIGHTS_NAME = "model"
@@ -80,20 +78,16 @@ def clip_vision_table(cfg: CLIPVisionConfig, with_projection: bool = True, prefi
 
 
 def _read_config(path, cls, model_type: str, what: str, subfolders: tuple[str, ...]):
-    cfg_file, raw = read_config_json(path, folder=f"the transformers {what} folder (with config.json)",
-                                     subfolders=subfolders)
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_file} does not hold a config object")
-    found = raw.get("model_type") or raw.get("_class_name")
-    if found is not None and found != model_type:
-        hint = ""
-        if found == "clip":
-            hint = " (a full CLIPModel: save its text / vision tower with CLIP*ModelWithProjection first)"
-        raise CheckpointError(f"{cfg_file} describes a {found!r} model, not a {model_type!r} ({what}){hint}")
-    try:
-        return cls.from_transformers(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+    def wrong_kind(raw):
+        found = raw.get("model_type") or raw.get("_class_name")
+        if found is None or found == model_type:
+            return None
+        hint = (" (a full CLIPModel: save its text / vision tower with CLIP*ModelWithProjection first)"
+                if found == "clip" else "")
+        return f"describes a {found!r} model, not a {model_type!r} ({what}){hint}"
+
+    return model_io.read_model_config(path, cls.from_transformers, folder=f"the transformers {what} folder (with "
+                                      "config.json)", subfolders=subfolders, wrong_kind=wrong_kind)
 
 
 def read_text_config(path: str | os.PathLike) -> CLIPTextConfig:
@@ -120,19 +114,38 @@ def _layout(reader: SafetensorsReader, prefix: str, projection_key: str, with_pr
 
 def _load(model_cls, cfg, table_fn, path, reader, prefix, with_projection, ignore, *, what, dtype, param_dtype,
           mesh, rules, attention_impl, remat, progress):
-    try:
-        graphdef, abstract_state, shardings = sharding_lib.abstract_model(
-            lambda act: model_cls(cfg, with_projection=with_projection, rngs=nnx.Rngs(0), dtype=dtype,
-                                  param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
-                                  activation_sharding=act),
-            mesh, rules,
-        )
-    except ValueError as e:  # e.g. a projection in the file but projection_dim None in config.json
-        raise CheckpointError(f"{Path(path) / 'config.json'}: {e}") from None
-    bar = (lambda it: tqdm(it, desc=f"loading {what}", unit="tensor")) if progress else (lambda it: it)
-    state = mapping.load_state(table_fn(cfg, with_projection, prefix), abstract_state, reader, what=what,
-                               shardings=shardings, progress=bar, ignore=ignore)
-    return nnx.merge(graphdef, state)
+    # The constructor refuses e.g. a projection in the file with projection_dim None in config.json.
+    return model_io.load_model(
+        lambda act: model_cls(cfg, with_projection=with_projection, rngs=nnx.Rngs(0), dtype=dtype,
+                              param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
+                              activation_sharding=act),
+        table_fn(cfg, with_projection, prefix), reader, what=what, path=path, mesh=mesh, rules=rules,
+        progress=progress, ignore=ignore)
+
+
+class _Tower(NamedTuple):
+    model: type
+    read_config: Callable
+    table: Callable
+    prefix: str
+    projection_key: str
+    name: str  # transformers class, without "WithProjection"
+
+
+_TOWERS = {
+    "text": _Tower(CLIPTextModel, read_text_config, clip_text_table, TEXT_PREFIX, TEXT_PROJECTION, "CLIPTextModel"),
+    "vision": _Tower(CLIPVisionModel, read_vision_config, clip_vision_table, VISION_PREFIX, VISUAL_PROJECTION,
+                     "CLIPVisionModel"),
+}
+
+
+def _load_tower(kind: str, path, *, with_projection: bool | None, **kw):
+    tower = _TOWERS[kind]
+    cfg = tower.read_config(path)
+    reader = SafetensorsReader(path, WEIGHTS_NAME)
+    prefix, with_projection, ignore = _layout(reader, tower.prefix, tower.projection_key, with_projection)
+    what = tower.name + ("WithProjection" if with_projection else "")
+    return _load(tower.model, cfg, tower.table, path, reader, prefix, with_projection, ignore, what=what, **kw)
 
 
 def load_clip_text(
@@ -152,13 +165,8 @@ def load_clip_text(
     `with_projection=None` follows the checkpoint (`text_projection.weight` present or not); True
     demands it, False drops it. `dtype`, `param_dtype`, `mesh` and `rules` as in `load_transformer`.
     """
-    cfg = read_text_config(path)
-    reader = SafetensorsReader(path, WEIGHTS_NAME)
-    prefix, with_projection, ignore = _layout(reader, TEXT_PREFIX, TEXT_PROJECTION, with_projection)
-    what = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
-    return _load(CLIPTextModel, cfg, clip_text_table, path, reader, prefix, with_projection, ignore, what=what,
-                 dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, attention_impl=attention_impl,
-                 remat=remat, progress=progress)
+    return _load_tower("text", path, with_projection=with_projection, dtype=dtype, param_dtype=param_dtype,
+                       mesh=mesh, rules=rules, attention_impl=attention_impl, remat=remat, progress=progress)
 
 
 def load_clip_vision(
@@ -174,22 +182,13 @@ def load_clip_vision(
     progress: bool = False,
 ) -> CLIPVisionModel:
     """A `CLIPVisionModel` with the weights of a transformers CLIP vision folder (see `load_clip_text`)."""
-    cfg = read_vision_config(path)
-    reader = SafetensorsReader(path, WEIGHTS_NAME)
-    prefix, with_projection, ignore = _layout(reader, VISION_PREFIX, VISUAL_PROJECTION, with_projection)
-    what = "CLIPVisionModelWithProjection" if with_projection else "CLIPVisionModel"
-    return _load(CLIPVisionModel, cfg, clip_vision_table, path, reader, prefix, with_projection, ignore, what=what,
-                 dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, attention_impl=attention_impl,
-                 remat=remat, progress=progress)
+    return _load_tower("vision", path, with_projection=with_projection, dtype=dtype, param_dtype=param_dtype,
+                       mesh=mesh, rules=rules, attention_impl=attention_impl, remat=remat, progress=progress)
 
 
 def _save(model, table, config: dict, path, dtype, max_shard_bytes) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = mapping.export_state(table, lora.merged_state(model), dtype=dtype)
-    write_safetensors(tensors, path, WEIGHTS_NAME, max_shard_bytes=max_shard_bytes)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return path
+    return model_io.save_model(model, table, config, path, weights_name=WEIGHTS_NAME, dtype=dtype,
+                               max_shard_bytes=max_shard_bytes)
 
 
 def save_clip_text(model: CLIPTextModel, path, dtype=None, *, max_shard_bytes: int | None = None) -> Path:

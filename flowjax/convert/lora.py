@@ -1,7 +1,8 @@
-"""SD3 transformer LoRA adapters <-> the diffusers / PEFT LoRA format.
+"""Transformer LoRA adapters (SD3 / SD3.5 `MMDiT`, FLUX.1 `Flux`) <-> the diffusers / PEFT LoRA format.
 
-`save_lora` writes `pytorch_lora_weights.safetensors` as `StableDiffusion3Pipeline.save_lora_weights`
-does: keys `transformer.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], and PEFT's
+`save_lora` writes `pytorch_lora_weights.safetensors` as `StableDiffusion3Pipeline.save_lora_weights` /
+`FluxPipeline.save_lora_weights` do (both mixins name the transformer `transformer`, diffusers 0.42
+`loaders/lora_pipeline.py`): keys `transformer.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], and PEFT's
 `LoraConfig` fields (`r`, `lora_alpha`, `target_modules`, `rank_pattern`, `alpha_pattern`) in the
 file's `lora_adapter_metadata`, prefixed `transformer.`. diffusers >= 0.34 builds the adapter's
 `LoraConfig` from that metadata, so the scale alpha / rank survives; without metadata diffusers
@@ -10,8 +11,8 @@ every reader (metadata-aware or not) applies identically.
 
 `load_lora` reads such a file (or a PEFT `adapter_model.safetensors` + `adapter_config.json`), attaches
 adapters of the file's ranks to the matching projections and sets their weights, so a published LoRA
-can be sampled from or trained further. Module names come from `transformer.mmdit_table`, the same
-table that converts the base weights, so the two can never disagree.
+can be sampled from or trained further. Module names come from the model's key table
+(`transformer.table_of`), the same table that converts the base weights, so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from safetensors.numpy import save_file
 
 from flowjax.convert.mapping import LINEAR, WeightsMismatchError
 from flowjax.convert.safetensors_io import CheckpointError
-from flowjax.convert.transformer import mmdit_table
+from flowjax.convert.transformer import FAMILIES, family_of_config
 from flowjax.models import lora
+from flowjax.models.flux import Flux, FluxConfig
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # PeftModel.save_pretrained
 PEFT_CONFIG_NAME = "adapter_config.json"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-PREFIX = "transformer"  # diffusers' SD3LoraLoaderMixin.transformer_name
+PREFIX = "transformer"  # diffusers' SD3LoraLoaderMixin / FluxLoraLoaderMixin .transformer_name
 PEFT_PREFIX = "base_model.model"
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "lora_te", "te1_", "te2_")
 PEFT_DEFAULT_ALPHA = 8  # `LoraConfig.lora_alpha` when a config omits it (what diffusers then uses)
@@ -49,14 +51,14 @@ PEFT_DEFAULT_ALPHA = 8  # `LoraConfig.lora_alpha` when a config omits it (what d
 # --- module names -----------------------------------------------------------------------------
 
 
-def lora_targets(cfg: MMDiTConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-    """Our `Dense` path -> (its diffusers module name per layer, stacked), from `mmdit_table`.
+def lora_targets(cfg: MMDiTConfig | FluxConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Our `Dense` path -> (its diffusers module name per layer, stacked), from the family's key table.
 
     Every linear layer of the table is listed: `stacks.0.blocks.attn.to_q` ->
     (`transformer_blocks.0.attn.to_q`, `transformer_blocks.1.attn.to_q`, ...), True.
     """
     out = {}
-    for km in mmdit_table(cfg):
+    for km in family_of_config(cfg).table(cfg):
         if km.transform is LINEAR and km.ours.endswith(".kernel"):
             out[km.ours.removesuffix(".kernel")] = (tuple(t.removesuffix(".weight") for t in km.theirs), km.stacked)
     return out
@@ -121,7 +123,7 @@ def _number(x: float) -> int | float:
     return int(round(x)) if abs(x - round(x)) < 1e-6 else float(x)
 
 
-def lora_state_dict(model: MMDiT, *, dtype=None, fold_scale: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+def lora_state_dict(model: MMDiT | Flux, *, dtype=None, fold_scale: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors keyed by diffusers module name without prefix, PEFT `LoraConfig` fields).
 
     The config holds the most common rank / alpha as `r` / `lora_alpha`; modules that differ get
@@ -166,8 +168,9 @@ def lora_state_dict(model: MMDiT, *, dtype=None, fold_scale: bool = False) -> tu
     return tensors, config
 
 
-def save_lora(model: MMDiT, path, *, dtype=None, fold_scale: bool = False) -> Path:
-    """Writes the model's adapters where `StableDiffusion3Pipeline.load_lora_weights(path)` reads them.
+def save_lora(model: MMDiT | Flux, path, *, dtype=None, fold_scale: bool = False) -> Path:
+    """Writes the model's adapters where `StableDiffusion3Pipeline.load_lora_weights(path)` (MMDiT) or
+    `FluxPipeline.load_lora_weights(path)` (Flux) reads them.
 
     `path` is a folder (created; the file is `pytorch_lora_weights.safetensors`) or a `.safetensors`
     file name. Weights are written in their stored dtype unless `dtype` is given (e.g. `jnp.bfloat16`).
@@ -239,7 +242,7 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+)
 
 
 def read_lora(path, *, adapter_name: str | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict | None, Path]:
-    """Reads a diffusers / PEFT SD3 transformer LoRA: ({module: {"A": [r,in], "B": [out,r]}}, config, file).
+    """Reads a diffusers / PEFT transformer LoRA: ({module: {"A": [r,in], "B": [out,r]}}, config, file).
 
     Module names are diffusers' (`transformer_blocks.0.attn.to_q`), with the `transformer.` or PEFT's
     `base_model.model.` prefix removed. `config` is the adapter's PEFT LoraConfig fields, or None.
@@ -316,8 +319,8 @@ def _scale_of(config: Mapping[str, Any] | None, name: str, rank: int) -> float:
     return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def load_lora(model: MMDiT, path, *, adapter_name: str | None = None, param_dtype=jnp.float32) -> list[str]:
-    """Attaches the adapters of a diffusers / PEFT SD3 LoRA to `model` and sets their weights; in place.
+def load_lora(model: MMDiT | Flux, path, *, adapter_name: str | None = None, param_dtype=jnp.float32) -> list[str]:
+    """Attaches the adapters of a diffusers / PEFT SD3 or FLUX LoRA to `model` and sets their weights; in place.
 
     `path`: a `.safetensors` file, or a folder with `pytorch_lora_weights.safetensors` (diffusers'
     `save_lora_weights`) or `adapter_model.safetensors` + `adapter_config.json` (PEFT). The scale is
@@ -330,8 +333,9 @@ def load_lora(model: MMDiT, path, *, adapter_name: str | None = None, param_dtyp
     several adapters (`...lora_A.<name>.weight`), that adapter. Everything is checked before the model
     is touched; returns the adapted module paths.
     """
-    if not isinstance(model, MMDiT):
-        raise TypeError(f"load_lora reads SD3 transformer LoRAs into an MMDiT, got {type(model).__name__}")
+    if not isinstance(model, tuple(f.model for f in FAMILIES.values())):
+        raise TypeError(f"load_lora reads transformer LoRAs into an MMDiT (SD3) or a Flux (FLUX.1), got "
+                        f"{type(model).__name__}")
     weights, config, file = read_lora(path, adapter_name=adapter_name)
     if config is not None and (config.get("use_dora") or config.get("lora_bias")):
         raise CheckpointError(f"{file}: DoRA / LoRA-bias adapters cannot be represented by flowjax's LoRA")
@@ -368,12 +372,12 @@ def load_lora(model: MMDiT, path, *, adapter_name: str | None = None, param_dtyp
             problems.append(f"{ours}: already has a rank-{dense.lora_a.shape[-1]} adapter, the file's is rank {rank}")
         layout[ours] = {"rank": rank, "scale": scale, "dtype": jnp.dtype(param_dtype).name}
     if unknown or problems:
-        parts = [f"the LoRA {file} does not fit this SD3 transformer:"]
+        parts = [f"the LoRA {file} does not fit this {family_of_config(model.config).class_name}:"]
         if unknown:
             parts.append(_listing("modules the model does not have (or cannot adapt)", unknown))
         if problems:
             parts.append(_listing("problems", problems))
-        parts.append("  check that the LoRA was trained for this model (SD3 vs SD3.5, Medium vs Large).")
+        parts.append("  check that the LoRA was trained for this model (SD3 vs SD3.5 vs FLUX.1, Medium vs Large).")
         raise WeightsMismatchError("\n".join(parts))
 
     attach(model, {p: s for p, s in layout.items() if modules[p].lora_a is None})

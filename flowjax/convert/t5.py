@@ -10,20 +10,17 @@ match the table exactly.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from flowjax import sharding as sharding_lib
-from flowjax.convert import mapping
+from flowjax.convert import mapping, model_io
 from flowjax.convert.mapping import IDENTITY, LINEAR, WeightsMismatchError
-from flowjax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config_json, write_safetensors
-from flowjax.models import lora
+from flowjax.convert.safetensors_io import SafetensorsReader
 from flowjax.models.t5 import T5Config, T5Encoder
 
 WEIGHTS_NAME = "model"
@@ -93,17 +90,17 @@ def resolve_embedding(source) -> tuple[object, str]:
     return source, SHARED  # when absent too, the table check reports shared.weight as missing
 
 
+def _not_t5(raw) -> str | None:
+    if raw.get("model_type") == "t5":
+        return None
+    return f"is not a T5 config (model_type {raw.get('model_type') or raw.get('_class_name')!r}, expected 't5')"
+
+
 def read_t5_config(path: str | os.PathLike) -> T5Config:
-    cfg_file, raw = read_config_json(
-        path, folder="the T5 encoder folder (config.json + model.safetensors), e.g. an SD3 pipeline's text_encoder_3",
-        subfolders=("text_encoder_3",), pipeline="SD3 pipeline")
-    if not isinstance(raw, dict) or raw.get("model_type") != "t5":
-        found = raw.get("model_type") or raw.get("_class_name") if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointError(f"{cfg_file} is not a T5 config (model_type {found!r}, expected 't5')")
-    try:
-        return T5Config.from_transformers(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+    return model_io.read_model_config(
+        path, T5Config.from_transformers,
+        folder="the T5 encoder folder (config.json + model.safetensors), e.g. an SD3 pipeline's text_encoder_3",
+        subfolders=("text_encoder_3",), pipeline="SD3 pipeline", wrong_kind=_not_t5)
 
 
 def load_t5(
@@ -117,23 +114,18 @@ def load_t5(
     remat: str = "none",
     progress: bool = False,
 ) -> T5Encoder:
-    """A `T5Encoder` with the weights of a transformers T5EncoderModel folder (SD3's `text_encoder_3`).
+    """A `T5Encoder` with the weights of a transformers T5EncoderModel folder (SD3's `text_encoder_3`, FLUX's
+    `text_encoder_2`).
 
     `param_dtype` is what the weights are stored in, `dtype` what the matmuls compute in. With `mesh`,
     every weight goes straight into its sharding under `rules`.
     """
     cfg = read_t5_config(path)
     source, embedding_key = resolve_embedding(SafetensorsReader(path, WEIGHTS_NAME))
-    graphdef, abstract_state, shardings = sharding_lib.abstract_model(
+    return model_io.load_model(
         lambda act: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                               attention_impl=attention_impl, remat=remat, activation_sharding=act),
-        mesh, rules,
-    )
-    bar = (lambda it: tqdm(it, desc="loading T5 encoder", unit="tensor")) if progress else (lambda it: it)
-    state = mapping.load_state(
-        t5_table(cfg, embedding_key), abstract_state, source, what=WHAT, shardings=shardings, progress=bar
-    )
-    return nnx.merge(graphdef, state)
+        t5_table(cfg, embedding_key), source, what=WHAT, path=path, mesh=mesh, rules=rules, progress=progress)
 
 
 def save_t5(model: T5Encoder, path, dtype=None, *, max_shard_bytes: int | None = None) -> Path:
@@ -143,11 +135,7 @@ def save_t5(model: T5Encoder, path, dtype=None, *, max_shard_bytes: int | None =
     LoRA adapters are merged into the written kernels; weights keep their stored dtype unless `dtype`
     is given (e.g. `jnp.bfloat16`).
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = mapping.export_state(t5_table(model.config), lora.merged_state(model), dtype=dtype)
-    write_safetensors(tensors, path, WEIGHTS_NAME, max_shard_bytes=max_shard_bytes)
     config = model.config.to_transformers()
-    config["dtype"] = np.dtype(tensors[SHARED].dtype).name
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return path
+    config["dtype"] = np.dtype(dtype if dtype is not None else model.shared[...].dtype).name
+    return model_io.save_model(model, t5_table(model.config), config, path, weights_name=WEIGHTS_NAME, dtype=dtype,
+                               max_shard_bytes=max_shard_bytes)

@@ -1,20 +1,25 @@
-"""SD3 / SD3.5 transformer: diffusers folder <-> flowjax `MMDiT`."""
+"""Diffusion transformers: diffusers folder <-> flowjax model, SD3 / SD3.5 (`MMDiT`) and FLUX.1 (`Flux`).
+
+The folder's config.json `_class_name` picks the family (`SD3Transformer2DModel` or `FluxTransformer2DModel`);
+both go through the same load / save body (`model_io`) with their own key table.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import jax.numpy as jnp
 from flax import nnx
-from tqdm.auto import tqdm
 
 from flowjax import sharding as sharding_lib
-from flowjax.convert import mapping
+from flowjax.convert import flux as flux_convert
+from flowjax.convert import mapping, model_io
 from flowjax.convert.mapping import CONV2D, IDENTITY, dense, norm_scale
-from flowjax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config_json, write_safetensors
-from flowjax.models import lora
+from flowjax.convert.safetensors_io import SafetensorsReader
+from flowjax.models.flux import Flux, FluxConfig
 from flowjax.models.mmdit import MMDiT, MMDiTConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -66,15 +71,53 @@ def mmdit_table(cfg: MMDiTConfig) -> list[mapping.KeyMap]:
     return mapping.build_table(_TOP, stacks)
 
 
-def read_config(path: str | os.PathLike) -> MMDiTConfig:
-    cfg_file, raw = read_config_json(path, folder="the diffusers transformer folder (with config.json)",
-                                     subfolders=("transformer",))
-    if raw.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
-        raise CheckpointError(f"{cfg_file} describes a {raw['_class_name']}, not an SD3Transformer2DModel")
-    try:
-        return MMDiTConfig.from_diffusers(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A diffusers transformer class and its flowjax model, config and key table."""
+
+    class_name: str
+    model: type
+    config: type
+    table: Callable[[Any], list[mapping.KeyMap]]
+
+
+FAMILIES = {
+    f.class_name: f
+    for f in (Family("SD3Transformer2DModel", MMDiT, MMDiTConfig, mmdit_table),
+              Family(flux_convert.CLASS_NAME, Flux, FluxConfig, flux_convert.flux_table))
+}
+
+
+def family_of(model: nnx.Module) -> Family:
+    """The family of a flowjax transformer (MMDiT or Flux)."""
+    for family in FAMILIES.values():
+        if isinstance(model, family.model):
+            return family
+    raise TypeError(f"not a flowjax transformer: {type(model).__name__} (expected one of "
+                    f"{[f.model.__name__ for f in FAMILIES.values()]})")
+
+
+def family_of_config(cfg) -> Family:
+    return next(f for f in FAMILIES.values() if isinstance(cfg, f.config))
+
+
+def table_of(model: nnx.Module) -> list[mapping.KeyMap]:
+    """The flowjax <-> diffusers key table of a loaded transformer."""
+    return family_of(model).table(model.config)
+
+
+def _family(raw) -> Family | None:
+    # A config.json without _class_name is read as SD3's, as before FLUX was supported.
+    return FAMILIES.get(raw.get("_class_name", "SD3Transformer2DModel"))
+
+
+def read_config(path: str | os.PathLike) -> MMDiTConfig | FluxConfig:
+    """The `MMDiTConfig` or `FluxConfig` of a diffusers transformer folder, by its `_class_name`."""
+    known = " or ".join(FAMILIES)
+    return model_io.read_model_config(
+        path, lambda raw: _family(raw).config.from_diffusers(raw),
+        folder="the diffusers transformer folder (with config.json)", subfolders=("transformer",),
+        wrong_kind=lambda raw: None if _family(raw) else f"describes a {raw['_class_name']}, not an {known}")
 
 
 def load_transformer(
@@ -87,37 +130,30 @@ def load_transformer(
     attention_impl: str = "xla",
     remat: str = "none",
     progress: bool = False,
-) -> MMDiT:
-    """An `MMDiT` with the weights of a diffusers SD3/SD3.5 transformer folder.
+) -> MMDiT | Flux:
+    """An `MMDiT` (SD3Transformer2DModel) or a `Flux` (FluxTransformer2DModel) with the weights of a diffusers
+    transformer folder, chosen by the `_class_name` of its config.json.
 
     `param_dtype` is what the weights are stored in (fp32 keeps bf16/fp16 files exact), `dtype` what
     the transformer computes in. With `mesh`, every weight goes straight into its sharding under
     `rules`, and activations are constrained to the same rules.
     """
     cfg = read_config(path)
-    reader = SafetensorsReader(path, WEIGHTS_NAME)
-    graphdef, abstract_state, shardings = sharding_lib.abstract_model(
-        lambda act: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                          attention_impl=attention_impl, remat=remat, activation_sharding=act),
-        mesh, rules,
-    )
-    bar = (lambda it: tqdm(it, desc="loading transformer", unit="tensor")) if progress else (lambda it: it)
-    state = mapping.load_state(
-        mmdit_table(cfg), abstract_state, reader, what="SD3Transformer2DModel", shardings=shardings, progress=bar
-    )
-    return nnx.merge(graphdef, state)
+    family = family_of_config(cfg)
+    return model_io.load_model(
+        lambda act: family.model(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                 attention_impl=attention_impl, remat=remat, activation_sharding=act),
+        family.table(cfg), SafetensorsReader(path, WEIGHTS_NAME), what=family.class_name, path=path, mesh=mesh,
+        rules=rules, progress=progress)
 
 
-def save_transformer(model: MMDiT, path, *, dtype=None, max_shard_bytes: int | None = None) -> Path:
-    """Writes `config.json` + safetensors that `SD3Transformer2DModel.from_pretrained(path)` loads.
+def save_transformer(model: MMDiT | Flux, path, *, dtype=None, max_shard_bytes: int | None = None) -> Path:
+    """Writes `config.json` + safetensors that `SD3Transformer2DModel.from_pretrained(path)` (for an MMDiT) or
+    `FluxTransformer2DModel.from_pretrained(path)` (for a Flux) loads.
 
     LoRA adapters are merged into the written kernels (the model itself is left as it is). Weights
-    are written in their stored dtype unless `dtype` is given (e.g. `jnp.bfloat16`).
+    are written in their stored dtype unless `dtype` is given (e.g. `jnp.bfloat16`); `max_shard_bytes`
+    splits them into shards with their index.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    tensors = mapping.export_state(mmdit_table(cfg), lora.merged_state(model), dtype=dtype)
-    write_safetensors(tensors, path, WEIGHTS_NAME, max_shard_bytes=max_shard_bytes)
-    (path / "config.json").write_text(json.dumps(cfg.to_diffusers(), indent=2))
-    return path
+    return model_io.save_model(model, table_of(model), model.config.to_diffusers(), path, weights_name=WEIGHTS_NAME,
+                               dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -7,18 +7,16 @@ are read as well, as `from_pretrained` does.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
-from tqdm.auto import tqdm
 
 from flowjax import sharding as sharding_lib
-from flowjax.convert import mapping
+from flowjax.convert import mapping, model_io
 from flowjax.convert.mapping import CONV2D, IDENTITY, dense
-from flowjax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config_json, write_safetensors
+from flowjax.convert.safetensors_io import SafetensorsReader
 from flowjax.models.vae import AutoencoderKL, VAEConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -110,13 +108,9 @@ class _RenamedAttention:
 
 def read_vae_config(path: str | os.PathLike) -> VAEConfig:
     """The `VAEConfig` of a diffusers AutoencoderKL folder; CheckpointError naming the fix otherwise."""
-    cfg_file, raw = read_config_json(path, folder="the diffusers VAE folder (with config.json)", subfolders=("vae",))
-    if raw.get("_class_name", CLASS_NAME) != CLASS_NAME:
-        raise CheckpointError(f"{cfg_file} describes a {raw['_class_name']}, not an {CLASS_NAME}")
-    try:
-        return VAEConfig.from_diffusers(raw)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+    return model_io.read_model_config(
+        path, VAEConfig.from_diffusers, folder="the diffusers VAE folder (with config.json)", subfolders=("vae",),
+        wrong_kind=model_io.class_name_is(CLASS_NAME, "an"))
 
 
 def load_vae(
@@ -129,23 +123,17 @@ def load_vae(
     attention_impl: str = "xla",
     progress: bool = False,
 ) -> AutoencoderKL:
-    """An `AutoencoderKL` with the weights of a diffusers VAE folder (e.g. the `vae` folder of SD3.5).
+    """An `AutoencoderKL` with the weights of a diffusers VAE folder (e.g. the `vae` folder of SD3.5 or FLUX.1).
 
     `param_dtype` is what the weights are stored in, `dtype` what the VAE computes in. With `mesh`,
     the (replicated) weights are placed on every device and the batch is constrained by `rules`.
     """
     cfg = read_vae_config(path)
-    reader = _RenamedAttention(SafetensorsReader(path, WEIGHTS_NAME))
-    graphdef, abstract_state, shardings = sharding_lib.abstract_model(
+    return model_io.load_model(
         lambda act: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                   attention_impl=attention_impl, activation_sharding=act),
-        mesh, rules,
-    )
-    bar = (lambda it: tqdm(it, desc="loading vae", unit="tensor")) if progress else (lambda it: it)
-    state = mapping.load_state(
-        vae_table(cfg), abstract_state, reader, what=CLASS_NAME, shardings=shardings, progress=bar
-    )
-    return nnx.merge(graphdef, state)
+        vae_table(cfg), _RenamedAttention(SafetensorsReader(path, WEIGHTS_NAME)), what=CLASS_NAME, path=path,
+        mesh=mesh, rules=rules, progress=progress)
 
 
 def save_vae(model: AutoencoderKL, path, dtype=None, *, max_shard_bytes: int | None = None) -> Path:
@@ -153,10 +141,6 @@ def save_vae(model: AutoencoderKL, path, dtype=None, *, max_shard_bytes: int | N
 
     Weights are written in their stored dtype unless `dtype` is given (e.g. `jnp.bfloat16`).
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    tensors = mapping.export_state(vae_table(cfg), nnx.state(model), dtype=dtype)
-    write_safetensors(tensors, path, WEIGHTS_NAME, max_shard_bytes=max_shard_bytes)
-    (path / "config.json").write_text(json.dumps({"_class_name": CLASS_NAME, **cfg.to_diffusers()}, indent=2))
-    return path
+    config = {"_class_name": CLASS_NAME, **model.config.to_diffusers()}
+    return model_io.save_model(model, vae_table(model.config), config, path, weights_name=WEIGHTS_NAME, dtype=dtype,
+                               max_shard_bytes=max_shard_bytes)

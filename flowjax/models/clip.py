@@ -233,37 +233,16 @@ class EncoderLayer(nnx.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class Encoder(nnx.Module):
-    """`num_hidden_layers` EncoderLayers with stacked params, applied with `lax.scan` (+ optional remat)."""
-
-    def __init__(self, cfg, *, causal: bool, impl: str, remat: str, dtype, param_dtype, rngs):
-        self.remat = remat
-
-        @nnx.split_rngs(splits=cfg.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
-        def make(r):
-            return EncoderLayer(cfg, causal=causal, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=r)
-
-        self.blocks = make(rngs)
-
-    def __call__(self, x: jax.Array, *, output_hidden_states: bool = False):
-        """(last layer's output, [layers, ...] each layer's output or None)."""
-        graphdef, params = nnx.split(self.blocks)
-
-        def body(h, p):
-            h = nnx.merge(graphdef, p)(h)
-            return h, (h if output_hidden_states else None)
-
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=False)
-        return jax.lax.scan(body, x, params)
+def _encoder(cfg, *, causal: bool, impl: str, remat: str, dtype, param_dtype, rngs) -> layers.ScannedStack:
+    """`num_hidden_layers` EncoderLayers with stacked params; `encoder(x, collect=True)` also returns each
+    layer's output (the hidden states transformers reports)."""
+    return layers.ScannedStack(
+        lambda r: EncoderLayer(cfg, causal=causal, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=r),
+        cfg.num_hidden_layers, remat=remat, rngs=rngs)
 
 
 def _check_build_args(attention_impl: str, remat: str, with_projection: bool, projection_dim):
-    if attention_impl not in layers.ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLS}, got {attention_impl!r}")
-    if remat not in layers.REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {sorted(layers.REMAT_POLICIES)}, got {remat!r}")
+    layers.check_build_args(attention_impl, remat)
     if with_projection and projection_dim is None:
         raise ValueError("with_projection=True needs the config's projection_dim (it is None)")
 
@@ -276,7 +255,7 @@ def _hidden_stack(first: jax.Array, per_layer: jax.Array | None) -> jax.Array | 
     return None if per_layer is None else jnp.concatenate([first[None], per_layer], axis=0)
 
 
-class CLIPTextModel(nnx.Module):
+class CLIPTextModel(layers.ShardedModel):
     """`model(input_ids [B, L]) -> CLIPTextOutput`, L <= max_position_embeddings, causal attention."""
 
     def __init__(
@@ -293,14 +272,12 @@ class CLIPTextModel(nnx.Module):
     ):
         _check_build_args(attention_impl, remat, with_projection, config.projection_dim)
         cfg, d = config, config.hidden_size
-        self.config, self.dtype = config, dtype
-        # Optional callable(x, logical_names) -> x that adds sharding constraints (see flowjax.sharding).
-        self.activation_sharding = activation_sharding
+        self._setup(config, dtype, activation_sharding)
         embed_init = nnx.initializers.normal(0.02)
         self.token_embedding = _param(embed_init, ("vocab", "embed"), rngs, (cfg.vocab_size, d), param_dtype)
         self.position_embedding = _param(embed_init, (None, "embed"), rngs, (cfg.max_position_embeddings, d),
                                          param_dtype)
-        self.encoder = Encoder(cfg, causal=True, impl=attention_impl, remat=remat, dtype=dtype,
+        self.encoder = _encoder(cfg, causal=True, impl=attention_impl, remat=remat, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
         self.final_layer_norm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.text_projection = (
@@ -312,9 +289,6 @@ class CLIPTextModel(nnx.Module):
     @property
     def with_projection(self) -> bool:
         return self.text_projection is not None
-
-    def _constrain(self, x, names):
-        return x if self.activation_sharding is None else self.activation_sharding(x, names)
 
     def pool(self, last_hidden_state: jax.Array, input_ids: jax.Array) -> jax.Array:
         """The EOS token's state, by transformers' rule (legacy argmax of the ids when eos_token_id == 2)."""
@@ -333,15 +307,15 @@ class CLIPTextModel(nnx.Module):
         if length > cfg.max_position_embeddings:
             raise ValueError(f"text length {length} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         x = jnp.take(self.token_embedding[...], input_ids, axis=0) + self.position_embedding[...][:length][None]
-        x = self._constrain(x.astype(self.dtype), ("activation_batch", "activation_length", "activation_embed"))
-        last, per_layer = self.encoder(x, output_hidden_states=output_hidden_states)
+        x = self._constrain(x.astype(self.dtype))
+        last, per_layer = self.encoder(x, collect=output_hidden_states)
         last_hidden_state = self.final_layer_norm(last)
         pooled = self.pool(last_hidden_state, input_ids)
         embeds = self.text_projection(pooled) if self.text_projection is not None else None
         return CLIPTextOutput(last_hidden_state, pooled, embeds, _hidden_stack(x, per_layer))
 
 
-class CLIPVisionModel(nnx.Module):
+class CLIPVisionModel(layers.ShardedModel):
     """`model(pixel_values [B, S, S, C] NHWC, normalised) -> CLIPVisionOutput`, S = config.image_size."""
 
     def __init__(
@@ -358,8 +332,7 @@ class CLIPVisionModel(nnx.Module):
     ):
         _check_build_args(attention_impl, remat, with_projection, config.projection_dim)
         cfg, d, p = config, config.hidden_size, config.patch_size
-        self.config, self.dtype = config, dtype
-        self.activation_sharding = activation_sharding
+        self._setup(config, dtype, activation_sharding)
         # Patch embedding: a p x p stride-p conv without bias, stored HWIO [p, p, C, D].
         self.patch_embedding = _param(nnx.initializers.lecun_normal(), (None, None, None, "embed"), rngs,
                                       (p, p, cfg.num_channels, d), param_dtype)
@@ -368,7 +341,7 @@ class CLIPVisionModel(nnx.Module):
                                          (cfg.num_patches + 1, d), param_dtype)
         nkw = dict(eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.pre_layrnorm = LayerNorm(d, **nkw)  # sic: transformers' spelling
-        self.encoder = Encoder(cfg, causal=False, impl=attention_impl, remat=remat, dtype=dtype,
+        self.encoder = _encoder(cfg, causal=False, impl=attention_impl, remat=remat, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
         self.post_layernorm = LayerNorm(d, **nkw)
         self.visual_projection = (
@@ -380,9 +353,6 @@ class CLIPVisionModel(nnx.Module):
     @property
     def with_projection(self) -> bool:
         return self.visual_projection is not None
-
-    def _constrain(self, x, names):
-        return x if self.activation_sharding is None else self.activation_sharding(x, names)
 
     def __call__(self, pixel_values: jax.Array, *, output_hidden_states: bool = False) -> CLIPVisionOutput:
         cfg, p = self.config, self.config.patch_size
@@ -396,8 +366,8 @@ class CLIPVisionModel(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, patches @ kernel], axis=1) + self.position_embedding[...].astype(self.dtype)[None]
         x = self.pre_layrnorm(x)
-        x = self._constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        last, per_layer = self.encoder(x, output_hidden_states=output_hidden_states)
+        x = self._constrain(x)
+        last, per_layer = self.encoder(x, collect=output_hidden_states)
         pooled = self.post_layernorm(last[:, 0])
         embeds = self.visual_projection(pooled) if self.visual_projection is not None else None
         return CLIPVisionOutput(last, pooled, embeds, _hidden_stack(x, per_layer))

@@ -9,20 +9,55 @@ without any mesh in scope; sharding is applied once, when weights are placed.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "chunked")
+ATTENTION_CHUNK = 256  # query rows per block of the "chunked" kernel
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything": jax.checkpoint_policies.everything_saveable,
 }
+
+
+def check_build_args(attention_impl: str, remat: str) -> None:
+    """The attention kernel and remat policy names every model constructor takes; ValueError naming the choices."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+
+
+def diffusers_kwargs(cls, config: Mapping[str, Any], class_name: str) -> dict[str, Any]:
+    """The fields of the config dataclass `cls` from a diffusers `config.json` dict; private `_...` keys are
+    ignored, unknown ones refused (ValueError naming them)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
+    if unknown:
+        raise ValueError(f"unknown {class_name} config keys {unknown}; known: {sorted(fields)}")
+    return {k: v for k, v in config.items() if k in fields}
+
+
+SEQUENCE_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+
+class ShardedModel(nnx.Module):
+    """A top-level model: its config, compute dtype, and the optional callable (x, logical names) -> x that adds
+    sharding constraints to activations (see `flowjax.sharding.ActivationSharding`)."""
+
+    def _setup(self, config, dtype, activation_sharding) -> None:
+        self.config, self.dtype = config, dtype
+        self.activation_sharding = activation_sharding
+
+    def _constrain(self, x: jax.Array, names: Sequence[str | None] = SEQUENCE_ACTIVATION) -> jax.Array:
+        return x if self.activation_sharding is None else self.activation_sharding(x, tuple(names))
 
 
 class Buffer(nnx.Variable):
@@ -107,6 +142,24 @@ class FeedForward(nnx.Module):
         return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=True))
 
 
+class AdaLNModulation(nnx.Module):
+    """Linear(silu(temb)) split into `chunks` vectors of the model width (the AdaLN(-Zero) parameters of
+    diffusers' AdaLayerNormZero / AdaLayerNormContinuous), each shaped [B, 1, D] to broadcast over tokens."""
+
+    def __init__(self, dim: int, chunks: int, *, dtype, param_dtype, rngs):
+        self.chunks = chunks
+        self.linear = Dense(dim, chunks * dim, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, temb: jax.Array) -> list[jax.Array]:
+        out = self.linear(jax.nn.silu(temb))
+        return [c[:, None, :] for c in jnp.split(out, self.chunks, axis=-1)]
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """AdaLN: LayerNorm(x) (no affine, eps 1e-6) * (1 + scale) + shift."""
+    return layer_norm(x) * (1 + scale) + shift
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -121,22 +174,69 @@ def attention(
     """Softmax attention over [B, L, heads, head_dim] tensors, one entry point for every kernel.
 
     `xla` is portable (CPU, TPU, GPU); `cudnn` is the fused flash kernel on NVIDIA GPUs (bf16/fp16
-    only); `auto` lets JAX pick. `bias` ([B|1, heads|1, Lq, Lk], added to the logits, e.g. T5's
-    relative positions), `mask` (boolean, True = attend) and `is_causal` (CLIP's text tower) are
-    passed through; `scale` defaults to 1/sqrt(head_dim) (T5 uses 1).
+    only); `auto` lets JAX pick; `chunked` is memory-efficient anywhere: queries in blocks of
+    `ATTENTION_CHUNK` rows, each block's attention recomputed in the backward pass (`jax.checkpoint`), so a
+    training step keeps no [heads, L, L] probability tensor (Rabe & Staats, "Self-attention does not need
+    O(n^2) memory", 2021); it equals `xla` up to float rounding. `bias` ([B|1, heads|1, Lq, Lk], added to the
+    logits, e.g. T5's relative positions), `mask` (boolean, True = attend) and `is_causal` (CLIP's text tower)
+    are passed through; `scale` defaults to 1/sqrt(head_dim) (T5 uses 1).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale)
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale,
         implementation=None if impl == "auto" else impl,
     )
 
 
+def _chunked_attention(q, k, v, *, bias, mask, is_causal, scale, chunk: int = ATTENTION_CHUNK):
+    """`attention(impl="chunked")`: query blocks under `lax.map`, each block rematerialised."""
+    b, lq = q.shape[0], q.shape[1]
+    if lq <= chunk:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale)
+    n = -(-lq // chunk)
+    pad = n * chunk - lq
+    causal = None
+    if is_causal:  # query row i may attend to keys j <= i: an explicit mask, as the blocks shift the rows
+        causal = jnp.arange(lq)[:, None] >= jnp.arange(k.shape[1])[None, :]
+        mask = causal[None, None] if mask is None else mask & causal[None, None]
+
+    def rows(x):  # [..., Lq, Lk] or [B, Lq, H, D] -> blocks along the query axis, first
+        if x is None:
+            return None
+        axis = 1 if x.ndim == 4 and x is q else x.ndim - 2
+        if x.shape[axis] == 1:  # broadcast along the queries
+            return None
+        x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
+        x = x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    q_blocks, bias_blocks, mask_blocks = rows(q), rows(bias), rows(mask)
+
+    @jax.checkpoint
+    def block(inp):
+        qb, bb, mb = inp
+        return jax.nn.dot_product_attention(qb, k, v, scale=scale,
+                                            bias=bias if bb is None and bias is not None else bb,
+                                            mask=mask if mb is None and mask is not None else mb)
+
+    out = jax.lax.map(block, (q_blocks, bias_blocks, mask_blocks))  # [n, B, chunk, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :lq]
+
+
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding of diffusers-unit timesteps, cos half first (flip_sin_to_cos, shift 0)."""
+    """Sinusoidal embedding of diffusers-unit timesteps, cos half first (flip_sin_to_cos, shift 0), as diffusers'
+    `get_timestep_embedding`.
+
+    The frequencies exp(-ln(max_period) * j / half) take their float32 exponent as diffusers computes it and the
+    exponential in float64 on the host, rounded once: the arguments t * freq reach 1000 (and 1000 * guidance
+    in FLUX.1-dev), which magnifies any last-bit difference of a float32 exp.
+    """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
@@ -161,3 +261,39 @@ def sincos_2d_table(embed_dim: int, grid_size: int, base_size: int, interpolatio
     cols, rows = np.meshgrid(pos, pos, indexing="xy")  # cols varies along w
     table = np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
     return table.astype(np.float32)
+
+
+class ScannedStack(nnx.Module):
+    """`count` identical blocks with stacked params (a leading `layers` axis), run under `jax.lax.scan`.
+
+    `make_block(rngs)` builds one block; each block is called as `block(carry, *args) -> carry`, where
+    `carry` (an array or a tuple of arrays) flows from block to block and `args` (e.g. the time
+    embedding, a RoPE table, an attention bias) are the same for every block. `remat` names a policy
+    of `REMAT_POLICIES`: the body is rematerialised in the backward pass ("none" keeps everything).
+    The blocks live under the attribute `blocks`, so parameter paths read `<stack>.blocks.<module>...`.
+    """
+
+    def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], count: int, *, remat: str = "none",
+                 rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        self.count, self.remat = count, remat
+
+        @nnx.split_rngs(splits=count)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
+        def make(r):
+            return make_block(r)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, carry, *args, collect: bool = False):
+        """(the last block's carry, each block's carry stacked on a leading axis when `collect`, else None)."""
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(c, p):
+            c = nnx.merge(graphdef, p)(c, *args)
+            return c, (c if collect else None)
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        return jax.lax.scan(body, carry, params)

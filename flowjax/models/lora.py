@@ -23,6 +23,15 @@ SD3_ATTENTION_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 )
+# FLUX.1: the same PEFT names. PEFT matches a target as a dotted suffix, so `attn.to_q/k/v` adapt the q, k, v
+# projections of the double-stream blocks (`transformer_blocks.i.attn`) and of the single-stream blocks
+# (`single_transformer_blocks.i.attn`, which have no to_out: their `proj_out` also mixes in the MLP), the other
+# five the double-stream blocks' image / text projections; flowjax matches the same way.
+FLUX_ATTENTION_TARGETS = SD3_ATTENTION_TARGETS
+# Flow-GRPO's FLUX LoRA (scripts/train_flux.py, as in IamCreateAI/FlowCPS b402c7a): the attention and both streams'
+# feed-forward layers, rank 64, alpha 128.
+FLUX_FLOW_GRPO_TARGETS = SD3_ATTENTION_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                                  "ff_context.net.2")
 BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
@@ -47,8 +56,12 @@ def _module_name(path: Sequence) -> str:
 
 
 def _normalise(target: str) -> str:
-    # diffusers keeps the output projection in a ModuleList (`to_out.0`); ours is `to_out`.
-    return re.sub(r"\.to_out\.0$", ".to_out", target) if target.endswith("to_out.0") else target
+    """A diffusers / PEFT module name in flowjax's names: diffusers keeps the attention output projection in a
+    ModuleList (`to_out.0`, ours `to_out`) and a FeedForward's projections in `net` (`ff.net.0.proj` and
+    `ff.net.2`, ours `ff.proj_in` and `ff.proj_out`)."""
+    target = re.sub(r"(^|\.)to_out\.0$", r"\1to_out", target)
+    target = re.sub(r"(^|\.)net\.0\.proj$", r"\1proj_in", target)
+    return re.sub(r"(^|\.)net\.2$", r"\1proj_out", target)
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:

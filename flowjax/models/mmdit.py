@@ -1,7 +1,7 @@
 """The SD3 / SD3.5 MMDiT (diffusers' `SD3Transformer2DModel`) as a Flax NNX module, NHWC.
 
 Consecutive blocks of the same kind (dual-attention or not, context kept or "pre-only") are stacked
-into one `BlockStack` whose parameters have a leading `layers` axis and which runs under
+into one `layers.ScannedStack` whose parameters have a leading `layers` axis and which runs under
 `jax.lax.scan`: SD3.5-Medium is three stacks (13 dual, 10 plain, the last block), SD3.5-Large two.
 """
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowjax.models import layers
-from flowjax.models.layers import Dense, FeedForward, RMSNorm
+from flowjax.models.layers import AdaLNModulation, Dense, FeedForward, RMSNorm, modulate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +66,7 @@ class MMDiTConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "MMDiTConfig":
         """From a diffusers `config.json` dict; private `_...` keys are ignored, unknown ones refused."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
-        if unknown:
-            raise ValueError(f"unknown SD3Transformer2DModel config keys {unknown}; known: {sorted(fields)}")
-        kwargs = {k: v for k, v in config.items() if k in fields}
+        kwargs = layers.diffusers_kwargs(cls, config, "SD3Transformer2DModel")
         if kwargs.get("out_channels") is None:
             kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
         return cls(**kwargs)
@@ -92,22 +88,6 @@ class MMDiTConfig:
             out.append((start, n, dual, pre_only))
             start += n
         return out
-
-
-class AdaLNModulation(nnx.Module):
-    """Linear(silu(temb)) split into `chunks` vectors of the model width (the AdaLN(-Zero) params)."""
-
-    def __init__(self, dim: int, chunks: int, *, dtype, param_dtype, rngs):
-        self.chunks = chunks
-        self.linear = Dense(dim, chunks * dim, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, temb: jax.Array) -> list[jax.Array]:
-        out = self.linear(jax.nn.silu(temb))
-        return [c[:, None, :] for c in jnp.split(out, self.chunks, axis=-1)]
-
-
-def _modulate(x, shift, scale):
-    return layers.layer_norm(x) * (1 + scale) + shift
 
 
 class Attention(nnx.Module):
@@ -175,7 +155,8 @@ class JointBlock(nnx.Module):
         self.ff = FeedForward(d, 4 * d, **kw)
         self.ff_context = None if pre_only else FeedForward(d, 4 * d, **kw)
 
-    def __call__(self, x, ctx, temb):
+    def __call__(self, streams, temb):
+        x, ctx = streams
         mods = self.norm1(temb)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         normed = layers.layer_norm(x)
@@ -184,49 +165,23 @@ class JointBlock(nnx.Module):
             ctx_in = layers.layer_norm(ctx) * (1 + c_scale) + c_shift
         else:
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-            ctx_in = _modulate(ctx, c_shift_msa, c_scale_msa)
+            ctx_in = modulate(ctx, c_shift_msa, c_scale_msa)
 
         attn_out, ctx_attn = self.attn(normed * (1 + scale_msa) + shift_msa, ctx_in)
         x = x + gate_msa * attn_out
         if self.dual:
             shift2, scale2, gate2 = mods[6:]
             x = x + gate2 * self.attn2(normed * (1 + scale2) + shift2)
-        x = x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp))
+        x = x + gate_mlp * self.ff(modulate(x, shift_mlp, scale_mlp))
 
         if self.pre_only:
             return x, ctx
         ctx = ctx + c_gate_msa * ctx_attn
-        ctx = ctx + c_gate_mlp * self.ff_context(_modulate(ctx, c_shift_mlp, c_scale_mlp))
+        ctx = ctx + c_gate_mlp * self.ff_context(modulate(ctx, c_shift_mlp, c_scale_mlp))
         return x, ctx
 
 
-class BlockStack(nnx.Module):
-    """`count` identical JointBlocks with stacked params, applied with `lax.scan` (+ optional remat)."""
-
-    def __init__(self, cfg, count, *, dual, pre_only, impl, remat, dtype, param_dtype, rngs):
-        self.count, self.remat = count, remat
-
-        @nnx.split_rngs(splits=count)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
-        def make(r):
-            return JointBlock(cfg, dual=dual, pre_only=pre_only, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=r)
-
-        self.blocks = make(rngs)
-
-    def __call__(self, x, ctx, temb):
-        graphdef, params = nnx.split(self.blocks)
-
-        def body(carry, p):
-            return nnx.merge(graphdef, p)(*carry, temb), None
-
-        policy = layers.REMAT_POLICIES[self.remat]
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        (x, ctx), _ = jax.lax.scan(body, (x, ctx), params)
-        return x, ctx
-
-
-class MMDiT(nnx.Module):
+class MMDiT(layers.ShardedModel):
     """velocity = model(latents [B,H,W,C], timesteps [B] (sigma*1000), text [B,L,joint_dim], pooled [B,P])."""
 
     def __init__(
@@ -240,13 +195,8 @@ class MMDiT(nnx.Module):
         remat: str = "none",
         activation_sharding=None,
     ):
-        if attention_impl not in layers.ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLS}, got {attention_impl!r}")
-        if remat not in layers.REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(layers.REMAT_POLICIES)}, got {remat!r}")
-        self.config, self.dtype = config, dtype
-        # Optional callable(x, logical_names) -> x that adds sharding constraints (see flowjax.sharding).
-        self.activation_sharding = activation_sharding
+        layers.check_build_args(attention_impl, remat)
+        self._setup(config, dtype, activation_sharding)
         cfg, d, p = config, config.inner_dim, config.patch_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -266,17 +216,16 @@ class MMDiT(nnx.Module):
         self.text_linear_2 = Dense(d, d, axes=("mlp", "embed"), **kw)
         self.context_embedder = Dense(cfg.joint_attention_dim, d, axes=(None, "embed"), **kw)
 
+        def block_maker(dual, pre_only):
+            return lambda r: JointBlock(cfg, dual=dual, pre_only=pre_only, impl=attention_impl, dtype=dtype,
+                                        param_dtype=param_dtype, rngs=r)
+
         self.stacks = nnx.List(
-            [
-                BlockStack(cfg, n, dual=dual, pre_only=pre, impl=attention_impl, remat=remat, **kw)
-                for _, n, dual, pre in cfg.stack_layout()
-            ]
+            [layers.ScannedStack(block_maker(dual, pre), n, remat=remat, rngs=rngs)
+             for _, n, dual, pre in cfg.stack_layout()]
         )
         self.norm_out = AdaLNModulation(d, 2, **kw)
         self.proj_out = Dense(d, p * p * cfg.out_channels, axes=("embed", None), **kw)
-
-    def _constrain(self, x, names):
-        return x if self.activation_sharding is None else self.activation_sharding(x, names)
 
     def _positional(self, h: int, w: int) -> jax.Array:
         m = self.config.pos_embed_max_size
@@ -305,16 +254,16 @@ class MMDiT(nnx.Module):
         kernel = self.patch_kernel[...].reshape(p * p * c, -1).astype(self.dtype)
         x = patches @ kernel + self.patch_bias[...].astype(self.dtype)
         x = x + self._positional(h, w).astype(self.dtype)
-        x = self._constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = self._constrain(x)
 
         t_emb = layers.timestep_embedding(timesteps).astype(self.dtype)
         temb = self.timestep_linear_2(jax.nn.silu(self.timestep_linear_1(t_emb)))
         temb = temb + self.text_linear_2(jax.nn.silu(self.text_linear_1(pooled_projections)))
         ctx = self.context_embedder(encoder_hidden_states)
-        ctx = self._constrain(ctx, ("activation_batch", "activation_length", "activation_embed"))
+        ctx = self._constrain(ctx)
 
         for stack in self.stacks:
-            x, ctx = stack(x, ctx, temb)
+            (x, ctx), _ = stack((x, ctx), temb)
 
         scale, shift = self.norm_out(temb)  # AdaLN-continuous: scale first
         x = layers.layer_norm(x) * (1 + scale) + shift

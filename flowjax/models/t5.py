@@ -211,32 +211,7 @@ class Block(nnx.Module):
         return x + self.ff(self.ff_norm(x).astype(self.dtype)).astype(jnp.float32)
 
 
-class BlockStack(nnx.Module):
-    """`count` identical Blocks with stacked params, applied with `lax.scan` (+ optional remat)."""
-
-    def __init__(self, cfg: T5Config, count: int, *, impl, remat, dtype, param_dtype, rngs):
-        self.count, self.remat = count, remat
-
-        @nnx.split_rngs(splits=count)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
-        def make(r):
-            return Block(cfg, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=r)
-
-        self.blocks = make(rngs)
-
-    def __call__(self, x, bias, mask):
-        graphdef, params = nnx.split(self.blocks)
-
-        def body(carry, p):
-            return nnx.merge(graphdef, p)(carry, bias, mask), None
-
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, params)
-        return x
-
-
-class T5Encoder(nnx.Module):
+class T5Encoder(layers.ShardedModel):
     """last_hidden_state [B, L, d_model] = encoder(input_ids [B, L] int, attention_mask [B, L] 1 keep / 0 pad).
 
     The output is taken after the final RMS norm, as `T5EncoderModel(...).last_hidden_state`; padded
@@ -255,13 +230,8 @@ class T5Encoder(nnx.Module):
         remat: str = "none",
         activation_sharding=None,
     ):
-        if attention_impl not in layers.ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLS}, got {attention_impl!r}")
-        if remat not in layers.REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(layers.REMAT_POLICIES)}, got {remat!r}")
-        self.config, self.dtype = config, dtype
-        # Optional callable(x, logical_names) -> x that adds sharding constraints (see flowjax.sharding).
-        self.activation_sharding = activation_sharding
+        layers.check_build_args(attention_impl, remat)
+        self._setup(config, dtype, activation_sharding)
         cfg = config
         embed_init = nnx.with_metadata(nnx.initializers.normal(1.0), logical_axes=("vocab", "embed"))
         self.shared = nnx.Param(embed_init(rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype))
@@ -269,13 +239,11 @@ class T5Encoder(nnx.Module):
         self.relative_attention_bias = nnx.Param(
             bias_init(rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads), param_dtype)
         )
-        self.stack = BlockStack(
-            cfg, cfg.num_layers, impl=attention_impl, remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        self.stack = layers.ScannedStack(
+            lambda r: Block(cfg, impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            cfg.num_layers, remat=remat, rngs=rngs,
         )
         self.final_layer_norm = RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
-
-    def _constrain(self, x, names):
-        return x if self.activation_sharding is None else self.activation_sharding(x, names)
 
     def position_bias(self, length: int) -> jax.Array:
         """[1, heads, L, L] bias added to every layer's logits (computed once, shared by all layers)."""
@@ -298,6 +266,6 @@ class T5Encoder(nnx.Module):
             mask = (attention_mask != 0)[:, None, None, :]  # [B, 1, 1, Lk]: padded keys are never attended
 
         x = jnp.take(self.shared[...], input_ids, axis=0).astype(jnp.float32)
-        x = self._constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        x = self.stack(x, self.position_bias(length), mask)
+        x = self._constrain(x)
+        x, _ = self.stack(x, self.position_bias(length), mask)
         return self.final_layer_norm(x).astype(self.dtype)

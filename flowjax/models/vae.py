@@ -90,11 +90,7 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "VAEConfig":
         """From a diffusers `config.json` dict; private `_...` keys are ignored, unknown ones refused."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
-        if unknown:
-            raise ValueError(f"unknown AutoencoderKL config keys {unknown}; known: {sorted(fields)}")
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return cls(**layers.diffusers_kwargs(cls, config, "AutoencoderKL"))
 
     def to_diffusers(self) -> dict[str, Any]:
         """Keyword arguments of `diffusers.AutoencoderKL` (lists where diffusers writes lists)."""
@@ -280,7 +276,7 @@ class Decoder(nnx.Module):
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
-class AutoencoderKL(nnx.Module):
+class AutoencoderKL(layers.ShardedModel):
     """`encode(images [B,H,W,C] in [-1, 1]) -> (mean, logvar)`, `decode(z [B,h,w,latent]) -> images`.
 
     `latents_to_images` / `images_to_latents` add the SD3 pipeline's scaling, shift and [0, 1] mapping.
@@ -297,11 +293,8 @@ class AutoencoderKL(nnx.Module):
         attention_impl: str = "xla",
         activation_sharding=None,
     ):
-        if attention_impl not in layers.ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLS}, got {attention_impl!r}")
-        self.config, self.dtype = config, dtype
-        # Optional callable(x, logical_names) -> x that adds sharding constraints (see flowjax.sharding).
-        self.activation_sharding = activation_sharding
+        layers.check_build_args(attention_impl, "none")
+        self._setup(config, dtype, activation_sharding)
         kw = dict(impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         ckw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         lat = config.latent_channels
@@ -311,9 +304,7 @@ class AutoencoderKL(nnx.Module):
         self.post_quant_conv = Conv2d(lat, lat, 1, **ckw) if config.use_post_quant_conv else None
 
     def _constrain(self, x):
-        if self.activation_sharding is None:
-            return x
-        return self.activation_sharding(x, ("activation_batch", None, None, None))
+        return super()._constrain(x, ("activation_batch", None, None, None))
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(mean, logvar) [B, H/f, W/f, latent_channels] in fp32 of the posterior; logvar clipped to [-30, 20]."""

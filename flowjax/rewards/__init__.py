@@ -9,17 +9,24 @@
   clipscore       path = transformers CLIPModel folder (CLIP-L/14); same options, divisor 30
   aesthetic       clip_path = CLIP-L/14 folder (path is taken as clip_path), head_path = LAION MLP .pth
   hpsv2           path = HPS_v2(.1)_compressed.pt; options: tokenizer, model_cfg, preprocess, ...
+  ocr             Flow-GRPO's OCR reward on PP-OCRv4 (flowjax.rewards.ocr.OCRReward); path = a folder with the
+                  detection and recognition ONNX files, None = those of an installed rapidocr-onnxruntime;
+                  options: preset ("paddleocr" | "rapidocr"), max_boxes, max_width, rec_widths, chunk,
+                  max_target_chars, workers, dict_path
   remote          flowjax.rewards.remote.RemoteReward(url=..., **options) (path is taken as url)
   geneval_remote  flowjax.rewards.remote.GenEvalRemoteReward(url=..., **options)
   callback        flowjax.rewards.remote.CallbackReward(fn=..., **options)
   multi           flowjax.rewards.multi.MultiReward(weights={name: w}, rewards={name: reward or
                   {"name": ..., "path": ..., **options}}) - a dict component is loaded with `load`
 
-The Flax rewards (shapes, pickscore, clipscore, aesthetic, hpsv2) are jittable: `reward.tokenize(prompts)`
-turns prompts into an int32 array on the host (CLIP token ids; the shapes world's specs), and
+The Flax rewards (shapes, pickscore, clipscore, aesthetic, hpsv2, ocr) are jittable:
+`reward.tokenize(prompts)` turns prompts into an int32 array on the host (CLIP token ids; the shapes
+world's specs; the OCR targets' code points), and
 `reward.score(reward.params, images, tokens)` is a pure JAX function to call inside a jitted step
 (pass `reward.params` as an argument, so the weights are not baked into the program as constants).
-`reward(images, tokens)` with such an int array in place of the prompts is jittable too. Modules
+`reward(images, tokens)` with such an int array in place of the prompts is jittable too. A jittable
+reward with per-sample metrics names them in `reward.metric_names` and returns them, with the reward, from
+`reward.evaluate(params, images, tokens) -> {"reward": [B], name: [B]}` (ocr: "accuracy"). Modules
 are imported when their name is loaded, so a missing optional dependency only matters when used.
 """
 
@@ -32,7 +39,8 @@ import numpy as np
 
 __all__ = ["NAMES", "load", "ShapesReward"]
 
-NAMES = ("shapes", "pickscore", "clipscore", "aesthetic", "hpsv2", "remote", "geneval_remote", "callback", "multi")
+NAMES = ("shapes", "pickscore", "clipscore", "aesthetic", "hpsv2", "ocr", "remote", "geneval_remote", "callback",
+         "multi")
 
 
 class ShapesReward:
@@ -173,6 +181,12 @@ def _load_multi(path, **options):
     return MultiReward(weights=options.pop("weights"), rewards=rewards, **options)
 
 
+def _load_ocr(path, **options):
+    from flowjax.rewards.ocr import OCRReward
+
+    return OCRReward(path, **options)
+
+
 def _load_shapes(path, **options):
     if path is not None:
         raise TypeError("shapes takes no path (its reward is computed from the pixels)")
@@ -189,6 +203,7 @@ _LOADERS: dict[str, Callable] = {
     "clipscore": _with_path("load_clipscore"),
     "aesthetic": _load_aesthetic,
     "hpsv2": _with_path("load_hpsv2"),
+    "ocr": _load_ocr,
     "remote": _load_url("RemoteReward"),
     "geneval_remote": _load_geneval,
     "callback": _load_callback,

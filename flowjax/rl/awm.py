@@ -39,9 +39,9 @@ import ml_collections
 import numpy as np
 
 from flowjax import sampling
-from flowjax.rl.common import bcast, f32, per_sample_mean, ppo_clipped, velocity_kl
+from flowjax.rl.common import bcast, f32, per_sample_mean, ppo_clipped, velocity_kl, weighted_mean
 from flowjax.rl.ema import ema_update
-from flowjax.rl.method import Method, RolloutSpec, accumulate, as_options, velocity
+from flowjax.rl.method import Method, RolloutSpec, accumulate, as_options, positions, row_keys, velocity
 
 _TINY = 1e-10  # the reference's offset inside the power
 
@@ -99,6 +99,7 @@ def awm_loss(
     ema_beta: float = 0.0,
     adv_scale: float = 5.0,
     adv_clip: float | None = 1.0,
+    weights=None,
 ):
     """AWM loss (scalar float32) and metrics, over N = (timesteps x samples) rows.
 
@@ -113,6 +114,7 @@ def awm_loss(
     v_ema / ema_beta: KL to the EMA policy (published ema_beta 1). Each term is added when its
       velocity is given (the reference only adds the EMA term inside its beta > 0 branch; the
       published configs have both > 0). v_ref and v_ema are treated as constants.
+    weights: [N] per-row weights (padding rows 0): every mean over rows is a weighted mean.
 
     Metrics: loss, policy_loss, kl_loss, ema_kl_loss, clipfrac, ratio_mean, log_prob_mean, mse.
     """
@@ -125,16 +127,16 @@ def awm_loss(
     adv = jnp.broadcast_to(awm_advantages(advantages, adv_scale=adv_scale, adv_clip=adv_clip), lp.shape)
 
     ratio = jnp.exp(lp - old)
-    policy_loss = ppo_clipped(ratio, adv, clip_range)
+    policy_loss = ppo_clipped(ratio, adv, clip_range, weights)
     loss = policy_loss
 
     zero = jnp.zeros((), jnp.float32)
     kl = ema_kl = zero
     if v_ref is not None:
-        kl = velocity_kl(v, v_ref)
+        kl = velocity_kl(v, v_ref, weights)
         loss = loss + beta * kl
     if v_ema is not None:
-        ema_kl = velocity_kl(v, v_ema)
+        ema_kl = velocity_kl(v, v_ema, weights)
         loss = loss + ema_beta * ema_kl
 
     sg = jax.lax.stop_gradient
@@ -144,10 +146,10 @@ def awm_loss(
         "policy_loss": sg(policy_loss),
         "kl_loss": sg(kl),
         "ema_kl_loss": sg(ema_kl),
-        "clipfrac": jnp.mean((jnp.abs(r - 1.0) > clip_range).astype(jnp.float32)),
-        "ratio_mean": jnp.mean(r),
-        "log_prob_mean": jnp.mean(sg(lp)),
-        "mse": jnp.mean(sg(per_sample_mean((v - (eps - x0)) ** 2))),
+        "clipfrac": weighted_mean((jnp.abs(r - 1.0) > clip_range).astype(jnp.float32), weights),
+        "ratio_mean": weighted_mean(r, weights),
+        "log_prob_mean": weighted_mean(sg(lp), weights),
+        "mse": weighted_mean(sg(per_sample_mean((v - (eps - x0)) ** 2)), weights),
     }
     return loss, metrics
 
@@ -302,22 +304,27 @@ class AWM(Method):
         """The SA-Solver runs on its own grid (sampling.sa_solver_sigmas); training t are drawn from the
         standard schedule (`pipeline.scheduler.timesteps / 1000` in train_sd3_awm.py, be51372)."""
         if self.cfg.solver == "sa_solver":
+            if callable(shift):  # a world's own schedule (FLUX): the same two edits of the grid
+                t = jnp.asarray(shift(num_steps), jnp.float32)
+                return t.at[-2].set(t[-3] / 2.0).at[0].set(1.0 - 1e-3)
             return sampling.sa_solver_sigmas(num_steps, shift)
         return super().rollout_sigmas(num_steps, shift)
 
     def init_state(self, params):
         return {"kl_ema": params} if self.cfg.ema_beta > 0 else {}
 
-    def train_timesteps(self, key, batch: int, sigmas) -> jax.Array:
+    def train_timesteps(self, key, batch: int, sigmas, pos=None) -> jax.Array:
         """Training t [K, B]: one stratified draw of K sampler steps per group of `rows_per_draw` rows (the
-        reference draws per device micro-batch: `train_sd3_awm.py`, the time_type branches, be51372)."""
+        reference draws per device micro-batch: `train_sd3_awm.py`, the time_type branches, be51372). A row's
+        group is its position in the minibatch // rows_per_draw, and the group's draw is keyed by the group."""
         c = self.cfg
-        rows = c.rows_per_draw or batch
+        pos = jnp.arange(batch, dtype=jnp.int32) if pos is None else pos
+        group = pos // c.rows_per_draw if c.rows_per_draw else jnp.zeros_like(pos)
         draw = lambda k: awm_timestep_indices(k, sigmas.shape[0] - 1, num_train_timesteps=c.num_train_timesteps,
                                               timestep_fraction=c.timestep_fraction,
                                               skip_first=c.time_type == "discrete_wo_init")
-        idx = jax.vmap(draw)(jax.random.split(key, batch // rows))  # [groups, K]
-        return f32(sigmas)[jnp.repeat(idx, rows, axis=0).T]
+        idx = jax.vmap(draw)(row_keys(key, group))  # [B, K]
+        return f32(sigmas)[idx.T]
 
     def train_nfes(self, batch):
         c = self.cfg
@@ -325,9 +332,10 @@ class AWM(Method):
 
     def grads(self, ctx, params, state, mb, window, key):
         c = self.cfg
-        x0 = mb["x0"]
-        t_all = self.train_timesteps(key, x0.shape[0], ctx.sigmas)  # [K, B]
-        eps_all = jax.random.normal(jax.random.fold_in(key, 1), (t_all.shape[0], *x0.shape), jnp.float32)
+        x0, pos = mb["x0"], positions(mb)
+        t_all = self.train_timesteps(key, x0.shape[0], ctx.sigmas, pos)  # [K, B]
+        eps_all = jnp.swapaxes(sampling.step_noise(jax.random.fold_in(key, 1), (x0.shape[0], t_all.shape[0],
+                                                                                *x0.shape[1:]), pos), 0, 1)
         ema = state.get("kl_ema")
 
         def loss_fn(p, inp):
@@ -338,7 +346,7 @@ class AWM(Method):
             v_ema = jax.lax.stop_gradient(v_of(ema)) if c.ema_beta > 0 else None
             return awm_loss(v_of(p), x0, eps, t, mb["advantages"], p=c.p, clip_range=c.clip_range, v_ref=v_ref,
                             beta=c.beta, v_ema=v_ema, ema_beta=c.ema_beta, adv_scale=c.adv_scale,
-                            adv_clip=c.adv_clip)
+                            adv_clip=c.adv_clip, weights=mb.get("weights"))
 
         return accumulate(loss_fn, params, (t_all, eps_all))
 

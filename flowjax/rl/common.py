@@ -21,17 +21,18 @@ def bcast(t, x) -> jax.Array:
     return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
-def velocity_kl(v, v_other) -> jax.Array:
-    """mean((v - v_other)^2), the velocity-space KL proxy of AWM and DiffusionNFT; v_other is constant."""
-    return jnp.mean(per_sample_mean((f32(v) - jax.lax.stop_gradient(f32(v_other))) ** 2))
-
-
 def weighted_mean(x, weights=None) -> jax.Array:
     """mean(x), or sum(w x) / sum(w) with per-row weights broadcastable to x (a masked mean)."""
     if weights is None:
         return jnp.mean(x)
     w = jnp.broadcast_to(f32(weights), x.shape)
     return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def velocity_kl(v, v_other, weights=None) -> jax.Array:
+    """mean((v - v_other)^2), the velocity-space KL proxy of AWM and DiffusionNFT (a weighted mean over
+    rows with `weights`); v_other is constant."""
+    return weighted_mean(per_sample_mean((f32(v) - jax.lax.stop_gradient(f32(v_other))) ** 2), weights)
 
 
 def ppo_clipped(ratio, advantages, clip_range, weights=None) -> jax.Array:

@@ -52,6 +52,13 @@ CHOSEN where the paper (as recorded here) is silent:
   averaged over the groups; tied rewards are ranked in row order (stable sort) and share their soft target;
 - the best image of a group with tied top rewards is the first in row order;
 - no CFG in the training forwards (the implicit reward compares conditional predictions, as Diffusion-DPO).
+
+Engineering (not the paper's): a minibatch holds whole groups (`group_plan`); the trainer's padding rows
+(weight 0, to a multiple of the devices) are completed here into groups of their own with weight 0, and
+`train.micro_batch` must be a multiple of k so that every gradient call holds whole groups; the (t, eps) draws
+are keyed by the rows' positions in the minibatch, so micro-batched calls train exactly what one call would.
+The offline dataset is sampled by the trainer's ordinary rollout (in `sample.micro_batch` calls with per-row
+noise, so it does not depend on the micro-batching) and stored by `flowjax.rl.rollout_store`.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ import ml_collections
 from flowjax import sampling
 from flowjax.rl.awm import awm_noised
 from flowjax.rl.common import f32, per_sample_mean
-from flowjax.rl.method import Method, RolloutSpec, accumulate, velocity
+from flowjax.rl.method import Method, RolloutSpec, accumulate, positions, row_keys, velocity
 
 _MASKED = -1e30  # logit of an item already ranked (finite, so that 0 * logit stays 0 and gradients stay finite)
 
@@ -137,34 +144,43 @@ def implicit_accuracy(implicit, rewards) -> jax.Array:
 
 
 def gdro_loss_from_errors(errors, ref_errors, rewards, *, group_size: int, beta: float, tau: float,
-                          gamma: float):
+                          gamma: float, weights=None):
     """GDRO's loss and metrics from per-image flow-matching errors [G * k] (each group's k = `group_size` rows
     consecutive): the policy's |v - v_theta|^2 and the reference's |v - v_ref|^2 (a constant), at one draw of
     (t, eps) or averaged over draws (the expectation inside the implicit reward). rewards [G * k] explicit.
 
     loss = gdro_loss(s, r, tau) + gamma * the mean over groups of the best image's error,
     s = -beta * (errors - ref_errors). Metrics: loss, rank_loss, fm_loss, implicit_reward_mean,
-    implicit_reward_std (within a group, averaged), implicit_accuracy, policy_error and ref_error (mean errors)."""
+    implicit_reward_std (within a group, averaged), implicit_accuracy, policy_error and ref_error (mean errors).
+
+    weights [G * k] (optional, 1 by default): a group's weight is the mean of its rows' (the trainer's padding
+    rows have weight 0 and fill whole groups of their own, see `GDRO.grads`), and every mean over groups or
+    rows is weighted by it; groups of weight 0 add nothing, to the loss or to its gradient."""
     r, e = f32(rewards), f32(errors)
     rows = r.shape[0]
     if e.shape != (rows,) or rows % group_size:
         raise ValueError(f"errors {e.shape} and rewards [{rows}] must be [rows] with rows a multiple of {group_size}")
+    groups = rows // group_size
+    w = jnp.ones((groups,), jnp.float32) if weights is None else f32(weights).reshape(groups, group_size).mean(1)
+    total = jnp.maximum(jnp.sum(w), 1e-12)
+    wmean = lambda x: jnp.sum(w * x) / total  # over groups
     e_ref = jax.lax.stop_gradient(f32(ref_errors))
     s = -beta * (e - e_ref)
-    s_g, r_g, e_g = (a.reshape(rows // group_size, group_size) for a in (s, r, e))
-    rank = gdro_loss(s_g, r_g, tau)
-    fm = jnp.mean(best_image_errors(e_g, r_g))
+    s_g, r_g, e_g, ref_g = (a.reshape(groups, group_size) for a in (s, r, e, e_ref))
+    rank = wmean(plackett_luce_losses(s_g, r_g, tau))
+    fm = wmean(best_image_errors(e_g, r_g))
     loss = rank + gamma * fm
     sg = jax.lax.stop_gradient
+    live = (w > 0)[:, None]
     metrics = {
         "loss": sg(loss),
         "rank_loss": sg(rank),
         "fm_loss": sg(fm),
-        "implicit_reward_mean": sg(jnp.mean(s)),
-        "implicit_reward_std": sg(jnp.mean(jnp.std(s_g, axis=1))),
-        "implicit_accuracy": sg(implicit_accuracy(s_g, r_g)),
-        "policy_error": sg(jnp.mean(e)),
-        "ref_error": jnp.mean(e_ref),
+        "implicit_reward_mean": sg(wmean(jnp.mean(s_g, axis=1))),
+        "implicit_reward_std": sg(wmean(jnp.std(s_g, axis=1))),
+        "implicit_accuracy": sg(implicit_accuracy(jnp.where(live, s_g, 0.0), jnp.where(live, r_g, 0.0))),
+        "policy_error": sg(wmean(jnp.mean(e_g, axis=1))),
+        "ref_error": wmean(jnp.mean(ref_g, axis=1)),
     }
     return loss, metrics
 
@@ -185,26 +201,36 @@ EXPECTATIONS = ("inside", "outside")
 
 
 def gdro_draws(key, groups: int, group_size: int, shape, *, num_draws: int, shared: bool = True,
-               timesteps: str = "uniform", sigmas=None, timestep_fraction: float = 1.0):
+               timesteps: str = "uniform", sigmas=None, timestep_fraction: float = 1.0, pos=None):
     """The training draws of one minibatch: (t [K, G * k], eps [K, G * k, *shape]) float32, K = num_draws.
 
     Rows are group-major (each group's k rows consecutive). `shared`: the k images of a group get the same t and
     the same eps at each draw (else each row its own). `timesteps`: "uniform", t ~ U(0, 1); "schedule",
     t = sigmas[i] with i uniform in [0, int(num_steps * timestep_fraction)), sigmas the rollout schedule
-    [num_steps + 1] (CHOSEN: see the module docstring)."""
+    [num_steps + 1] (CHOSEN: see the module docstring). `pos` [G * k]: the rows' positions in their minibatch
+    (`method.positions`; arange by default); a group's draws are keyed by its first row's position (a row's by
+    its own when not shared), so a minibatch split into `train.micro_batch` calls draws what the whole would."""
     if timesteps not in TIMESTEPS:
         raise ValueError(f"timesteps must be one of {TIMESTEPS}, got {timesteps!r}")
-    k_t, k_eps = jax.random.split(key)
-    n = groups if shared else groups * group_size
-    if timesteps == "uniform":
-        t = jax.random.uniform(k_t, (num_draws, n), jnp.float32)
-    else:
+    rows = groups * group_size
+    pos = jnp.arange(rows, dtype=jnp.int32) if pos is None else jnp.asarray(pos, jnp.int32)
+    keys = row_keys(key, pos.reshape(groups, group_size)[:, 0] if shared else pos)
+    if timesteps == "schedule":
         sig = f32(sigmas)
         hi = int((sig.shape[0] - 1) * timestep_fraction)
         if hi < 1:
             raise ValueError(f"timestep_fraction={timestep_fraction} of {sig.shape[0] - 1} steps leaves none")
-        t = sig[jax.random.randint(k_t, (num_draws, n), 0, hi)]
-    eps = jax.random.normal(k_eps, (num_draws, n, *shape), jnp.float32)
+
+    def one(k):
+        k_t, k_eps = jax.random.split(k)
+        if timesteps == "uniform":
+            t = jax.random.uniform(k_t, (num_draws,), jnp.float32)
+        else:
+            t = sig[jax.random.randint(k_t, (num_draws,), 0, hi)]
+        return t, jax.random.normal(k_eps, (num_draws, *shape), jnp.float32)
+
+    t, eps = jax.vmap(one)(keys)
+    t, eps = t.T, jnp.moveaxis(eps, 0, 1)
     if shared:
         t, eps = jnp.repeat(t, group_size, axis=1), jnp.repeat(eps, group_size, axis=1)
     return t, eps
@@ -285,6 +311,11 @@ class GDRO(Method):
             raise ValueError(f"GDRO ranks the {t.group_size} images of a prompt together, so every minibatch must "
                              f"hold whole groups: train.prompts_per_batch={t.prompts_per_batch} must be a multiple "
                              f"of train.minibatches={t.minibatches}")
+        micro = int(t.get("micro_batch", 0) or 0)
+        if micro % self.train_micro_unit():
+            raise ValueError(f"GDRO ranks the {t.group_size} images of a prompt together, so a gradient call must "
+                             f"hold whole groups: train.micro_batch={micro} (rows per device per call) must be a "
+                             f"multiple of train.group_size={t.group_size}, or 0")
         if c.offline and c.offline_batches < 1:
             raise ValueError(f"config.gdro.offline needs offline_batches >= 1, got {c.offline_batches}")
         super().validate()
@@ -292,6 +323,9 @@ class GDRO(Method):
     def rollout_spec(self):
         return RolloutSpec(kind=self.cfg.solver, noise_level=float(self.cfg.noise_level),
                            guidance=float(self.cfg.guidance))
+
+    def train_micro_unit(self) -> int:
+        return int(self.config.train.group_size)
 
     def offline_batches(self) -> int:
         return int(self.cfg.offline_batches) if self.cfg.offline else 0
@@ -310,19 +344,31 @@ class GDRO(Method):
         return int(self.cfg.num_train_timesteps) * batch * per_draw
 
     def grads(self, ctx, params, state, mb, window, key):
+        """The minibatch's rows are whole groups, group-major (`plan`), then the trainer's padding rows of weight 0
+        (under one row per device, or whole micro-batch units; `validate` keeps train.micro_batch a multiple of
+        k, so every call's groups stay whole). Rows up to the next multiple of k are added here as more weight-0
+        rows, so that the padding forms groups of its own, weighted 0."""
         c, k = self.cfg, int(self.config.train.group_size)
-        x0 = mb["x0"]
-        rewards = mb["advantages"][:, 0]
+        n = mb["x0"].shape[0]
+        weights, pos = f32(mb.get("weights", jnp.ones((n,), jnp.float32))), positions(mb)
+        cond = mb["cond"]
+        x0, rewards = mb["x0"], mb["advantages"][:, 0]
+        if n % k:  # the trainer's padding: complete its last group with more weight-0 rows
+            extra = k - n % k
+            idx = jnp.concatenate([jnp.arange(n), jnp.zeros((extra,), jnp.int32)])
+            x0, rewards, cond = x0[idx], rewards[idx], cond.rows(idx)
+            weights = jnp.concatenate([weights, jnp.zeros((extra,), jnp.float32)])
+            pos = jnp.concatenate([pos, jnp.max(pos) + 1 + jnp.arange(extra, dtype=jnp.int32)])
         t_all, eps_all = gdro_draws(key, x0.shape[0] // k, k, x0.shape[1:], num_draws=int(c.num_train_timesteps),
                                     shared=bool(c.shared_noise), timesteps=c.timesteps, sigmas=ctx.sigmas,
-                                    timestep_fraction=float(c.timestep_fraction))
-        loss_of = functools.partial(gdro_loss_from_errors, rewards=rewards, group_size=k,
+                                    timestep_fraction=float(c.timestep_fraction), pos=pos)
+        loss_of = functools.partial(gdro_loss_from_errors, rewards=rewards, group_size=k, weights=weights,
                                     beta=float(c.beta * c.beta_T), tau=float(c.tau), gamma=float(c.gamma))
 
         def errors(p, inp):
             """|eps - x0 - v_p(x_t, t)|^2 per image at one draw; no CFG in training."""
             t, eps = inp
-            v = velocity(ctx.apply, p, awm_noised(x0, eps, t), t, mb["cond"], 1.0)
+            v = velocity(ctx.apply, p, awm_noised(x0, eps, t), t, cond, 1.0)
             return velocity_errors(v, eps - f32(x0))
 
         if c.expectation == "outside":  # Diffusion-DPO's eq. 14: one loss per draw, averaged

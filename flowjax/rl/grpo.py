@@ -29,7 +29,7 @@ import ml_collections
 
 from flowjax import sampling
 from flowjax.rl.common import f32, ppo_clipped, weighted_mean
-from flowjax.rl.method import Method, RolloutSpec, accumulate, check_fraction, velocity
+from flowjax.rl.method import Method, RolloutSpec, accumulate, check_fraction, positions, row_keys, velocity
 
 
 KL_MODES = ("std", "plain")
@@ -294,6 +294,9 @@ class FlowGRPO(Method):
 
     def schedule(self, num_steps, shift):
         if self.cfg.schedule == "dance":
+            if callable(shift):
+                raise ValueError("config.grpo.schedule='dance' is DanceGRPO's own shifted linspace: give "
+                                 "sample.shift as a number (DanceGRPO uses 3 on FLUX), not 'dynamic'")
             return sampling.dance_sigmas(num_steps, shift)
         return super().schedule(num_steps, shift)
 
@@ -323,7 +326,7 @@ class FlowGRPO(Method):
 
     # ---------------------------------------------------------------- training
 
-    def train_steps(self, window, key, batch: int):
+    def train_steps(self, window, key, batch: int, pos=None):
         """(trained step of every (slot, row) [K, B] int32, slot in use [K] bool). Slots past a shrunken
         progressive window are out of use (their index is clipped to a valid step)."""
         c, n = self.cfg, self.num_steps
@@ -332,8 +335,10 @@ class FlowGRPO(Method):
             valid = idx < window[1]
             idx = jnp.minimum(idx, n - 1)
             return jnp.broadcast_to(idx[:, None], (c.window.size, batch)), valid
-        if c.random_steps:
-            idx = sampling.dance_train_steps(key, batch, n, c.timestep_fraction).T.astype(jnp.int32)
+        if c.random_steps:  # each row's subset keyed by its position (micro-batching draws the same)
+            pos = jnp.arange(batch, dtype=jnp.int32) if pos is None else pos
+            draw = lambda k: sampling.dance_train_steps(k, 1, n, c.timestep_fraction)[0]
+            idx = jax.vmap(draw)(row_keys(key, pos)).T.astype(jnp.int32)
         else:
             k = int(n * c.timestep_fraction)
             idx = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[:, None], (k, batch))
@@ -368,6 +373,6 @@ class FlowGRPO(Method):
                 mean=lp.mean if beta > 0 else None, ref_mean=ref_mean, std_t=lp.std_t if beta > 0 else None,
                 adv_clip=float(c.adv_clip), kl_mode=kl_mode, weights=mb["weights"])
 
-        idx, valid = self.train_steps(window, key, latents.shape[0])
+        idx, valid = self.train_steps(window, key, latents.shape[0], positions(mb))
         grads, metrics = accumulate(loss_fn, params, idx, valid)
         return grads, {**metrics, "skip": ~jnp.any(valid)}

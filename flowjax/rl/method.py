@@ -21,6 +21,7 @@ method-specific:
   advantages()      rewards -> advantages ([B] or per sampler step [B, T]); group normalisation by default
   plan()            how the epoch's rows go into minibatches (and with which weights)
   grads()           the mean gradient and metrics of one minibatch (pure, jitted by the trainer)
+  train_micro_unit() the rows a gradient call keeps together (train.micro_batch a multiple of it; 1 by default)
   end_of_epoch()    its state updates after the epoch's optimizer steps
   eval_ema()        its EMA evaluation copy: decay, interval and cadence, or None
 
@@ -81,7 +82,8 @@ class EvalEMA:
 
 
 class Cond(NamedTuple):
-    """Conditioning of a batch: text and pooled embeddings, and the negative ones for CFG."""
+    """Conditioning of a batch: text [B, L, D] and pooled [B, P] embeddings, and the negative prompt's
+    [L, D] / [P] for CFG, stored once and broadcast on device."""
 
     ctx: jax.Array
     pooled: jax.Array
@@ -89,7 +91,7 @@ class Cond(NamedTuple):
     neg_pooled: jax.Array
 
     def rows(self, idx):
-        return Cond(*(a[idx] for a in self))
+        return Cond(self.ctx[idx], self.pooled[idx], self.neg_ctx, self.neg_pooled)
 
 
 class Context(NamedTuple):
@@ -145,9 +147,10 @@ class Method:
     def rollout_spec(self) -> RolloutSpec:
         raise NotImplementedError
 
-    def schedule(self, num_steps: int, shift: float) -> jax.Array:
-        """The sigma schedule [num_steps + 1] that training timesteps are taken from."""
-        return sampling.sigmas(num_steps, shift)
+    def schedule(self, num_steps: int, shift) -> jax.Array:
+        """The sigma schedule [num_steps + 1] that training timesteps are taken from: SD3's shifted one, or
+        `shift(num_steps)` when the world gives its own (FLUX's resolution-dependent shift)."""
+        return shift(num_steps) if callable(shift) else sampling.sigmas(num_steps, shift)
 
     def rollout_sigmas(self, num_steps: int, shift: float) -> jax.Array:
         """The grid the rollouts run on; the training schedule unless the solver has its own."""
@@ -169,19 +172,26 @@ class Method:
         """What training needs of a rollout, batch-first. Default: the final samples only."""
         return {"x0": out.latents[-1]}
 
-    def rollout(self, velocity_fn, noise, sigmas, key, window) -> tuple[dict, jax.Array]:
+    def rollout(self, velocity_fn, noise, sigmas, key, window, rows=None) -> tuple[dict, jax.Array]:
         """(keep, samples): the arrays training needs, with the scored rows first, and the samples [R, ...]
-        that the world scores. `velocity_fn(x, sigma [B]) -> v` is the sampling policy with its CFG. When
-        R differs from the batch, keep["source"] [R] int32 gives each row's batch row (its prompt, its
-        conditioning) and `advantages` must group the rows itself."""
+        that the world scores. `velocity_fn(x, sigma [B]) -> v` is the sampling policy with its CFG; `rows`
+        [B] are the rows' indices in the epoch's batch (draw per-row noise from them: `sampling.step_noise`,
+        so that micro-batched rollouts equal whole ones). When R differs from the batch, keep["source"] [R]
+        int32 gives each row's row in this call (its prompt, its conditioning) and `advantages` must group
+        the rows itself."""
         spec = self.rollout_spec()
         out = sampling.rollout(velocity_fn, noise, sigmas, key, kind=spec.kind, noise_level=spec.noise_level,
-                               **spec.kwargs(), **self.rollout_kwargs(window))
+                               rows=rows, **spec.kwargs(), **self.rollout_kwargs(window))
         return self.keep(out, window), out.latents[-1]
 
     def rows(self, batch: int) -> int:
         """How many rows the rollout of `batch` samples returns (its scored and trained rows)."""
         return batch
+
+    def train_micro_unit(self) -> int:
+        """`train.micro_batch` (rows per device per gradient call) must be a multiple of this: the rows a gradient
+        call must keep together (GDRO: a prompt's group). 1 by default; `flowjax.plan` searches its multiples."""
+        return 1
 
     def offline_batches(self) -> int:
         """0: every epoch samples fresh rollouts with its sampler (online). n > 0: before the first epoch the
@@ -260,9 +270,24 @@ def velocity(apply, params, x, sigma, cond, guidance: float, integer_timesteps: 
     if guidance == 1.0:
         return apply(params, x, t, cond.ctx, cond.pooled).astype(jnp.float32)
     both = lambda a, b: jnp.concatenate([a, b], axis=0)
-    v = apply(params, both(x, x), both(t, t), both(cond.neg_ctx, cond.ctx), both(cond.neg_pooled, cond.pooled))
+    neg = lambda n, c: jnp.broadcast_to(n, c.shape).astype(c.dtype) if n.ndim < c.ndim else n
+    v = apply(params, both(x, x), both(t, t), both(neg(cond.neg_ctx, cond.ctx), cond.ctx),
+              both(neg(cond.neg_pooled, cond.pooled), cond.pooled))
     v_uncond, v_cond = jnp.split(v.astype(jnp.float32), 2, axis=0)
     return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def positions(mb: dict) -> jax.Array:
+    """Each row's position in its minibatch (mb["pos"], set by the trainer; arange otherwise). Per-row random
+    draws are keyed by it (`jax.random.fold_in(key, pos)`), so splitting a minibatch into micro-batches
+    draws exactly what the whole minibatch would."""
+    n = jax.tree.leaves(mb["advantages"])[0].shape[0]
+    return mb.get("pos", jnp.arange(n, dtype=jnp.int32))
+
+
+def row_keys(key, pos) -> jax.Array:
+    """One PRNG key per row position."""
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(pos)
 
 
 def check_fraction(name: str, value, num_steps: int, *, minimum: int = 1) -> int:

@@ -32,9 +32,9 @@ import ml_collections
 
 from flowjax import sampling
 from flowjax.rl.awm import awm_noised
-from flowjax.rl.common import bcast, f32, per_sample_mean, velocity_kl
+from flowjax.rl.common import bcast, f32, per_sample_mean, velocity_kl, weighted_mean
 from flowjax.rl.ema import ema_update
-from flowjax.rl.method import Method, RolloutSpec, accumulate, check_fraction, velocity
+from flowjax.rl.method import Method, RolloutSpec, accumulate, check_fraction, positions, row_keys, velocity
 
 _W_MIN = 1e-5  # the reference's clamp on the adaptive weight
 
@@ -64,6 +64,7 @@ def nft_loss(
     v_ref=None,
     kl_beta: float = 0.0,
     adv_clip: float = 5.0,
+    weights=None,
 ):
     """DiffusionNFT loss (scalar float32) and metrics.
 
@@ -74,6 +75,7 @@ def nft_loss(
     v_ref / kl_beta: KL to the reference, the reference's `train.beta` (published 1e-4, always
       on there; here added when v_ref is given). v_ref is treated as a constant.
     adv_clip: the reference's `train.adv_clip_max` = 5; it also scales the policy term.
+    weights: [B] per-row weights (padding rows 0): every mean over rows is a weighted mean.
 
     Metrics: loss, policy_loss, unweighted_policy_loss, kl_div, old_deviate
     (mean (v - v_old)^2), r_mean, positive_loss, negative_loss.
@@ -95,29 +97,30 @@ def nft_loss(
     pos = adaptive_x0_mse(x_t - tb * v_pos, x0)
     neg = adaptive_x0_mse(x_t - tb * v_neg, x0)
     per_sample = r * pos / mix + (1.0 - r) * neg / mix
-    policy_loss = jnp.mean(per_sample * adv_clip)
+    m = lambda x: weighted_mean(x, weights)
+    policy_loss = m(per_sample * adv_clip)
     loss = policy_loss
 
     kl = jnp.zeros((), jnp.float32)
     if v_ref is not None:
-        kl = velocity_kl(v, v_ref)
+        kl = velocity_kl(v, v_ref, weights)
         loss = loss + kl_beta * kl
 
     sg = jax.lax.stop_gradient
     metrics = {
         "loss": sg(loss),
         "policy_loss": sg(policy_loss),
-        "unweighted_policy_loss": sg(jnp.mean(per_sample)),
+        "unweighted_policy_loss": sg(m(per_sample)),
         "kl_div": sg(kl),
-        "old_deviate": sg(jnp.mean((v - v_old) ** 2)),
-        "r_mean": jnp.mean(r),
-        "positive_loss": sg(jnp.mean(pos)),
-        "negative_loss": sg(jnp.mean(neg)),
+        "old_deviate": sg(m(per_sample_mean((v - v_old) ** 2))),
+        "r_mean": m(r),
+        "positive_loss": sg(m(pos)),
+        "negative_loss": sg(m(neg)),
     }
     return loss, metrics
 
 
-def nft_timesteps(key, batch: int, sigmas, *, timestep_fraction: float = 0.99) -> jax.Array:
+def nft_timesteps(key, batch: int, sigmas, *, timestep_fraction: float = 0.99, keys=None) -> jax.Array:
     """Training t [K, batch] float32, K = int(num_steps * timestep_fraction).
 
     As the reference: every sample gets its own random permutation of the sampler's num_steps
@@ -130,7 +133,7 @@ def nft_timesteps(key, batch: int, sigmas, *, timestep_fraction: float = 0.99) -
     k = int(num_steps * timestep_fraction)
     if k < 1:
         raise ValueError(f"int(num_steps * timestep_fraction) = {k}: no timesteps to train on")
-    keys = jax.random.split(key, batch)
+    keys = jax.random.split(key, batch) if keys is None else keys  # or one key per row (micro-batching)
     perms = jax.vmap(lambda kk: jax.random.permutation(kk, num_steps))(keys)  # [batch, num_steps]
     return sig[perms[:, :k]].T
 
@@ -214,9 +217,11 @@ class DiffusionNFT(Method):
 
     def grads(self, ctx, params, state, mb, window, key):
         c = self.cfg
-        x0 = mb["x0"]
-        t_all = nft_timesteps(key, x0.shape[0], ctx.sigmas, timestep_fraction=c.timestep_fraction)  # [K, B]
-        eps_all = jax.random.normal(jax.random.fold_in(key, 1), (t_all.shape[0], *x0.shape), jnp.float32)
+        x0, pos = mb["x0"], positions(mb)
+        t_all = nft_timesteps(key, x0.shape[0], ctx.sigmas, timestep_fraction=c.timestep_fraction,
+                              keys=row_keys(key, pos))  # [K, B]
+        eps_all = jnp.swapaxes(sampling.step_noise(jax.random.fold_in(key, 1), (x0.shape[0], t_all.shape[0],
+                                                                                *x0.shape[1:]), pos), 0, 1)
 
         def loss_fn(p, inp):
             t, eps = inp
@@ -225,7 +230,7 @@ class DiffusionNFT(Method):
             v_old = jax.lax.stop_gradient(v_of(state["old"]))
             v_ref = jax.lax.stop_gradient(v_of(ctx.ref_params)) if c.kl_beta > 0 else None
             return nft_loss(v_of(p), v_old, x_t, x0, t, mb["advantages"], mix=c.mix, v_ref=v_ref,
-                            kl_beta=c.kl_beta, adv_clip=c.adv_clip)
+                            kl_beta=c.kl_beta, adv_clip=c.adv_clip, weights=mb.get("weights"))
 
         return accumulate(loss_fn, params, (t_all, eps_all))
 

@@ -27,6 +27,9 @@ Optional (the trainer checks with hasattr / getattr):
   images(samples)            images [B, H, W, 3] in [0, 1], for sample grids
   captions(ids)              prompt texts, for sample grids
   task_names(ids)            a task per prompt, for per-task evaluation accuracies
+  cond_shapes                ([L, D], [P]) of one row's conditioning, for `flowjax.plan`
+  model_guidance             a float passed to the transformer as `guidance` [B] (FLUX.1-dev), or None
+  sigmas(num_steps)          the world's own schedule, used with `sample.shift = "dynamic"` (FLUX)
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
-"""The SD3 / SD3.5 world as the RL trainer sees it: prompts, their conditioning, and the reward of a latent.
+"""The SD3 / SD3.5 (and FLUX.1) world as the RL trainer sees it: prompts, their conditioning, and the reward
+of a latent.
 
     pipe = SD3Pipeline.from_pretrained("stable-diffusion-3.5-medium")
     world = SD3World(pipe, load_prompt_folder("dataset/geneval", "train"), flowjax.rewards.load("geneval_remote"),
                      eval_prompts=load_prompt_folder("dataset/geneval", "test"))
     trainer = Trainer(config, workdir, model=pipe.transformer, world=world)
+
+With a `FluxPipeline` the same world runs FLUX.1: CLIP-L pooled + T5 conditioning (`FluxPipeline.encode_prompt`),
+the FLUX VAE, FLUX.1-dev's embedded guidance (`model_guidance`, passed to the transformer by the trainer) and the
+pipeline's resolution-dependent schedule (`sigmas(num_steps)`, used with `sample.shift = "dynamic"`).
 
 The trainer's world interface, and what this world does for each part:
 
@@ -19,7 +24,9 @@ The trainer's world interface, and what this world does for each part:
   VAE decoder (`latents / scaling_factor + shift_factor`) to images in [0, 1], then the reward:
     * a jittable Flax reward (`flowjax.rewards.load("pickscore", ...)`: `tokenize` / `score(params, images,
       tokens)` / `params`): the prompts are tokenised once on the host into a table, and
-      `score(params, images, table[ids])` runs inside the jitted step;
+      `score(params, images, table[ids])` runs inside the jitted step; one that names per-sample
+      `metric_names` (the OCR reward's `accuracy`) is called as `evaluate(params, images, tokens) ->
+      {"reward": [B], name: [B], ...}` instead;
     * a host reward (`geneval_remote`, `remote`, `callback`): through its `as_jax` bridge
       (`jax.pure_callback`) over this world's prompt table;
     * a `MultiReward`: each component by its own route, then the weighted sum; every component is
@@ -29,9 +36,10 @@ The trainer's world interface, and what this world does for each part:
   JSON server both the prompt and the metadata, and a CLIP reward the prompt text.
 - `score(samples, ids, state=None) -> {"reward": [B], name: [B], ...}`: the reward and every named
   quantity the reward provides (multi-reward components, host metrics such as GenEval's `accuracy` =
-  strict_rewards). `accuracy(samples, ids)` exists only when the reward provides an `accuracy` metric
-  (GenEval); a host reward's single server call serves both `reward` and `accuracy` of the same samples
-  (the last results are kept, keyed by a fingerprint of images and prompts).
+  strict_rewards, the OCR reward's `accuracy`). `accuracy(samples, ids)` exists only when the reward
+  provides an `accuracy` metric (GenEval, OCR); a host reward's single server call serves both `reward`
+  and `accuracy` of the same samples (the last results are kept, keyed by a fingerprint of images and
+  prompts).
 - `state`: the arrays `reward`/`score`/`accuracy` read (VAE decoder weights, Flax reward weights, token
   tables). Called as `reward(samples, ids)` they are closed over, i.e. baked into the jitted program as
   constants; a trainer that passes `world.state` as a jitted argument, `reward(samples, ids, state=...)`,
@@ -127,7 +135,8 @@ class _Component:
             tokens = reward.tokenize(table)
             self.tokens = None if tokens is None else jnp.asarray(np.asarray(tokens))
             self.params = getattr(reward, "params", None)
-            self.metrics: tuple[str, ...] = ()
+            # a jittable reward with per-sample metrics (the OCR reward's accuracy) returns them from `evaluate`
+            self.metrics: tuple[str, ...] = tuple(getattr(reward, "metric_names", ()) or ())
         elif callable(reward) or hasattr(reward, "score"):
             from flowjax.rewards.remote import as_jax
 
@@ -142,6 +151,9 @@ class _Component:
         """{"reward": [B], metric: [B], ...} of this component."""
         if self.jittable:
             toks = None if tokens is None else tokens[ids]
+            if self.metrics:
+                out = self.reward.evaluate(params, images, toks)
+                return {k: jnp.asarray(out[k], jnp.float32) for k in ("reward", *self.metrics)}
             return {"reward": jnp.asarray(self.reward.score(params, images, toks), jnp.float32)}
         out = self.bridge(images, ids)
         return dict(out) if isinstance(out, Mapping) else {"reward": out}
@@ -171,10 +183,16 @@ class SD3World:
 
     def __init__(self, pipe, prompts: PromptSet, reward, *, eval_prompts: PromptSet | None = None,
                  resolution: int = 512, max_sequence_length: int = 128, precompute_limit: int = 256,
-                 encode_batch_size: int = 32, metrics: Sequence[str] = (), sharding=None, _shared=None):
+                 encode_batch_size: int = 32, metrics: Sequence[str] = (), sharding=None, guidance: float = 3.5,
+                 _shared=None):
         if len(prompts) == 0:
             raise ValueError("the SD3 world needs at least one prompt")
         self.pipe, self.prompts, self.reward_fn = pipe, prompts, reward
+        from flowjax.pipeline import FluxPipeline
+
+        self.flux = isinstance(pipe, FluxPipeline)
+        # FLUX.1-dev's distilled guidance, an input of its transformer (None: SD3, FLUX.1-schnell).
+        self.model_guidance = float(guidance) if self.flux and pipe.transformer.config.guidance_embeds else None
         self.resolution = int(resolution)
         self.latent_size = pipe.check_size(self.resolution, self.resolution)
         self.max_sequence_length = int(max_sequence_length)
@@ -200,6 +218,8 @@ class SD3World:
             vae_graphdef, vae_state = nnx.split(pipe.vae)
             neg_ctx, neg_pooled = self._encode_texts([""])
             _shared = dict(vae_graphdef=vae_graphdef, vae_state=vae_state, neg=(neg_ctx[0], neg_pooled[0]))
+        else:
+            _shared = {**_shared, "owner": False}
         self._shared = _shared
         self._vae_graphdef = _shared["vae_graphdef"]
         self.neg_ctx, self.neg_pooled = _shared["neg"]
@@ -224,13 +244,26 @@ class SD3World:
             self.eval_world = SD3World(pipe, eval_prompts, reward, resolution=resolution,
                                        max_sequence_length=max_sequence_length, precompute_limit=precompute_limit,
                                        encode_batch_size=encode_batch_size, metrics=metrics, sharding=sharding,
-                                       _shared=_shared)
+                                       guidance=guidance, _shared=_shared)
+        # When every prompt this world (and its eval world) will see is encoded, the text encoders (T5-XXL alone
+        # is 9.5 GB in bf16) leave device memory: training never runs them again.
+        tables = [w for w in (self, self.eval_world) if w is not None]
+        if _shared.get("owner", True) and all(w._table_ctx is not None for w in tables):
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                setattr(pipe, name, None)
+            self.encoders_released = True
 
     # ------------------------------------------------------------------ sizes and text
 
     @property
     def num_prompts(self) -> int:
         return len(self.prompts)
+
+    def sigmas(self, num_steps: int):
+        """The pipeline's own schedule at this world's resolution (FLUX: the resolution-dependent shift)."""
+        if not self.flux:
+            raise ValueError("sample.shift='dynamic' needs a FLUX pipeline; SD3 configs give a number (3.0)")
+        return self.pipe.sigmas(num_steps, self.resolution, self.resolution)
 
     @property
     def channels(self) -> int:
@@ -244,15 +277,19 @@ class SD3World:
 
     # ------------------------------------------------------------------ conditioning (host)
 
+    encoders_released = False
+
     def _encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ctx [N, L, D], pooled [N, P]) host arrays in the pipeline's dtype, in fixed-size encoder calls."""
+        if self.encoders_released:
+            raise RuntimeError("this SD3 world released its text encoders after encoding its prompt tables")
         n = min(self.encode_batch_size, len(texts))
         ctxs, pooleds = [], []
         for i in range(0, len(texts), n):
             chunk = texts[i:i + n]
             padded = chunk + [chunk[-1]] * (n - len(chunk))
-            ctx, pooled, _, _ = self.pipe.encode_prompt(padded, max_sequence_length=self.max_sequence_length,
-                                                        do_classifier_free_guidance=False)
+            kw = {} if self.flux else {"do_classifier_free_guidance": False}
+            ctx, pooled, _, _ = self.pipe.encode_prompt(padded, max_sequence_length=self.max_sequence_length, **kw)
             ctx, pooled = jax.device_get((ctx, pooled))
             ctxs.append(np.asarray(ctx)[:len(chunk)])
             pooleds.append(np.asarray(pooled)[:len(chunk)])

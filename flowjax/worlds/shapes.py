@@ -93,6 +93,11 @@ class ShapesWorld:
     def latent_size(self) -> tuple[int, int]:
         return (self.image_size, self.image_size)
 
+    @property
+    def cond_shapes(self):
+        """([L, D], [P]): the conditioning shapes of one row (for flowjax.plan)."""
+        return tuple(self.ctx.shape[1:]), tuple(self.pooled.shape[1:])
+
     def encode(self, prompt_ids):
         return self.ctx[prompt_ids], self.pooled[prompt_ids]
 

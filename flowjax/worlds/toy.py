@@ -31,6 +31,11 @@ class ToyWorld:
         target = self.target_scale * jax.random.normal(k_target, (self.num_prompts, self.channels))
         return ctx, pooled, target
 
+    @property
+    def cond_shapes(self):
+        """([L, D], [P]): the conditioning shapes of one row (for flowjax.plan)."""
+        return (self.text_len, self.joint_dim), (self.pooled_dim,)
+
     def encode(self, prompt_ids):
         """(text [B, L, joint_dim], pooled [B, pooled_dim]) of integer prompt ids."""
         ctx, pooled, _ = self._tables()
