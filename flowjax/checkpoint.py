@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -43,9 +44,13 @@ def save_model(model: nnx.Module, path) -> Path:
     adapters = lora_convert.adapter_spec(model)
     if adapters:
         manifest["lora"] = adapters
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / "params", nnx.to_pure_dict(nnx.state(model)))
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    state = nnx.to_pure_dict(nnx.state(model))
+    if jax.process_count() > 1:  # orbax writes host-local (unsharded) arrays of a multi-host run as NumPy
+        state = jax.tree.map(lambda a: np.asarray(a) if getattr(a, "is_fully_addressable", True) else a, state)
+    with ocp.StandardCheckpointer() as ckptr:  # collective: every process of a multi-host run calls it
+        ckptr.save(path / "params", state)
+    if jax.process_index() == 0:
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
 
 
@@ -96,7 +101,8 @@ def save_policy(workdir, model: nnx.Module, *, base=None, trainable: str = "lora
     The manifest names the model family and architecture, the LoRA adapters the trainer attached, which
     variables are trained ("lora" or "all") and `base`, the diffusers transformer folder the frozen weights
     come from. Without a base folder (a randomly initialised model) the model's own weights are saved beside
-    it, which is only sensible for small models. Called by the trainer at start (process 0).
+    it, which is only sensible for small models. Called by the trainer at start, on every process (the
+    weights' save is collective); process 0 writes the manifests.
     """
     path = Path(workdir).absolute() / POLICY_DIR
     manifest = {"family": _family_of(model), "config": model.config.to_diffusers(),
@@ -105,7 +111,8 @@ def save_policy(workdir, model: nnx.Module, *, base=None, trainable: str = "lora
     if base is None and not (path / "base" / MANIFEST).is_file():
         save_model(model, path / "base")
     path.mkdir(parents=True, exist_ok=True)
-    (path / POLICY_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if jax.process_index() == 0:
+        (path / POLICY_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
 
 

@@ -238,9 +238,11 @@ def test_solvers_and_grids_of_awm_and_nft():
     assert (spec.kind, spec.noise_level, spec.kwargs()) == ("sa_solver", 0.4, {"sa_tau_interval": (0.3, 0.9)})
     np.testing.assert_array_equal(np.asarray(awm.rollout_sigmas(14, 3.0)), np.asarray(sampling.sa_solver_sigmas(14)))
     np.testing.assert_array_equal(np.asarray(awm.schedule(14, 3.0)), np.asarray(sampling.sigmas(14)))
-    nft, _ = toy_method("nft")
+    nft, _ = toy_method("nft", solver="dpm2")  # the toy variant samples with Euler; the SD3.5 recipes keep dpm2
     spec = nft.rollout_spec()
     assert (spec.kind, spec.sampler, spec.integer_timesteps) == ("dpm2", "old", True)
+    from configs import geneval
+    assert geneval.get_config("nft").nft.solver == "dpm2"
 
 
 def test_dance_advantages_use_the_unbiased_group_std():

@@ -234,7 +234,7 @@ class Trainer:
 
         trainable = nnx.LoRAParam if config.lora.rank > 0 else nnx.Param
         model = nnx.eval_shape(lambda: adapt(model())) if abstract else adapt(model)
-        if self.is_main and not abstract:
+        if not abstract:  # every process: the base weights' save is collective
             checkpoint.save_policy(self.workdir, model, base=base, trainable="lora" if config.lora.rank > 0 else "all")
         graphdef, params, frozen = nnx.split(model, trainable, ...)
         rules = tuple(config.sharding_rules)
