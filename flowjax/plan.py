@@ -347,7 +347,7 @@ def plan(config, topology: Topology, *, preset: str = "sd35-medium", devices=Non
         unit = 1 if is_sample else trainer.method.train_micro_unit()  # GDRO: whole groups per gradient call
         sizes = _divisors(total_rows) if is_sample else list(range(unit, max(total_rows, unit) + 1, unit))
         m0 = current or total_rows
-        first = at(m0)
+        first = at(m0 if current or unit == 1 else 0)  # 0: the whole minibatch per call (m0 may be no multiple)
         if worst(first) <= hbm:
             return current
         points = [(m0, need(first))]
