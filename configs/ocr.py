@@ -2,7 +2,7 @@
 
   # 1. the OCR models: PP-OCRv4 detection + recognition ONNX files, read by flowjax (no OCR runtime runs)
   pip install -e ".[ocr]" && pip install --no-deps rapidocr-onnxruntime
-  # 2. train (Flow-GRPO by default; :cps, :awm, :nft for the other methods):
+  # 2. train (Flow-GRPO by default; :cps, :awm, :nft, :gdro, :gdro_offline for the others):
   python -m flowjax.train --config=configs/ocr.py --workdir=runs/ocr \\
       --config.world.model=/path/to/stable-diffusion-3.5-medium --config.world.prompts=/path/to/flow_grpo/dataset/ocr
   python -m flowjax.train --config=configs/ocr.py:nft --workdir=runs/ocr_nft \\
@@ -48,6 +48,14 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
   clip 1e-4), a random 60% of the steps trained, per-group unbiased std, CFG 4.5, no KL. The OCR reward has no gradient:
   the guide is a latent PRM trained first (`python -m flowjax.prm --config=configs/ocr.py:euphonium --workdir=DIR
   ...`, then `--config.euphonium.guide.path=DIR/prm`).
+- gdro, GDRO (arXiv 2601.02036; no public code): ODE rollouts (CFG 4.5, 10 steps) of k = 6 images per prompt,
+  48 prompts per epoch in 4 minibatches of 12 whole groups, two optimizer steps per epoch; the soft-target
+  Plackett-Luce loss (tau 0.05) of the implicit rewards (beta 12 x Diffusion-DPO's T = 1000) plus
+  0.5 x the flow-matching loss of each group's best image, one (t, eps) draw shared by a group per minibatch.
+  The paper's OCR values are k, tau, beta and gamma; the rest is chosen (flowjax/recipes.py, flowjax/rl/gdro.py).
+- gdro_offline, GDRO's offline mode: the same loss on a fixed dataset of 32 batches (1536 prompts x 6 images,
+  40-step ODE samples of the base model) sampled and scored once into WORKDIR/rollouts/, then trained on for
+  every epoch without sampling; a resumed run reuses the dataset.
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,
 eps 1e-8, grad-norm clip 1.0, shift 3 (the scheduler's), seed 42, global-std advantages, 512 px, T5 length 128.
 What still differs from the references, and why:

@@ -3,7 +3,8 @@
   python -m flowjax.train --config=configs/toy.py:grpo --workdir=runs/toy
 Variants: grpo (Flow-GRPO, sde), cps, mixgrpo (SDE window), dance, awm, nft, tempflow (TempFlow-GRPO: 4 prompts
 x 2 seeds, 4 branches at each of the first 3 steps), euphonium (DanceGRPO rollouts guided by the gradient of
-the toy reward itself, dual-reward GRPO). It exercises the whole RL core (sampling,
+the toy reward itself, dual-reward GRPO), gdro (GDRO online: ODE rollouts), gdro_offline (GDRO's offline mode:
+4 batches sampled once by the reference model, then trained on). It exercises the whole RL core (sampling,
 advantages, losses, LoRA, sharding, checkpoints) in seconds per step on a CPU.
 """
 
@@ -12,7 +13,7 @@ import ml_collections
 from flowjax import sharding
 from flowjax.rl.method import method_class
 
-VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft", "tempflow", "euphonium")
+VARIANTS = ("grpo", "cps", "mixgrpo", "dance", "awm", "nft", "tempflow", "euphonium", "gdro", "gdro_offline")
 
 
 def get_config(arg: str = "grpo"):
@@ -20,7 +21,7 @@ def get_config(arg: str = "grpo"):
         raise ValueError(f"unknown variant {arg!r}; choose one of {VARIANTS}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.method = {"cps": "grpo", "mixgrpo": "grpo", "dance": "grpo"}.get(arg, arg)
+    c.method = {"cps": "grpo", "mixgrpo": "grpo", "dance": "grpo", "gdro_offline": "gdro"}.get(arg, arg)
     c.variant = arg
 
     c.arch = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
@@ -82,6 +83,8 @@ def get_config(arg: str = "grpo"):
         c.advantage = dict(std="per_prompt", ddof=1, eps=1e-8)
     elif c.method == "awm":
         m.update(guidance=2.0, beta=0.0, ema_beta=0.0, adv_clip=None, num_train_timesteps=3, rows_per_draw=0)
+    elif c.method == "gdro":
+        m.update(guidance=2.0, offline=arg == "gdro_offline", offline_batches=4)
     else:  # Euler rollouts: on a 6-step grid (shift 3) the reference's dpm2 overshoots its last step
         m.update(kl_beta=0.0, solver="ode")
 

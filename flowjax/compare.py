@@ -55,14 +55,17 @@ def _apply_override(config, item: str):
 
 
 def curves(metrics_path: Path, batch_size: int):
-    """[evals, 4]: (images sampled, NFEs, wall-clock seconds of training, held-out accuracy) at each evaluation."""
+    """[evals, 4]: (images sampled, NFEs, wall-clock seconds of training, held-out accuracy) at each evaluation.
+    An offline run logs its dataset once (images/sampled, nfe/dataset, in that step's time) and 0 images after."""
     rows = plots.read_metrics(metrics_path)
-    elapsed, nfes, out = 0.0, 0.0, []
+    elapsed, nfes, images, out = 0.0, 0.0, 0, []
     for r in rows:
         elapsed += r.get("time/step_s", 0.0)
-        nfes += r.get("nfe/rollout", 0.0) + r.get("nfe/train", 0.0)
+        nfes += r.get("nfe/rollout", 0.0) + r.get("nfe/train", 0.0) + r.get("nfe/dataset", 0.0)
+        if "time/step_s" in r:  # a training step (the step-0 row is an evaluation only)
+            images += r.get("images/sampled", batch_size)
         if "eval/accuracy" in r:
-            out.append((r["step"] * batch_size, nfes, elapsed, r["eval/accuracy"]))
+            out.append((images, nfes, elapsed, r["eval/accuracy"]))
     return np.asarray(out)
 
 

@@ -292,7 +292,7 @@ def plan(config, topology: Topology, *, name: str | None = None, preset: str = "
     import numpy as np
 
     from flowjax import sharding as sharding_lib
-    from flowjax.rl import abstract
+    from flowjax.rl import abstract, evaluation
 
     devices = devices if devices is not None else tpu_devices(topology)
     n_dev = len(devices)
@@ -327,7 +327,7 @@ def plan(config, topology: Topology, *, name: str | None = None, preset: str = "
         epoch = (keep_bytes / rows * tr.method.rows(batch) + cond_row * batch) / dp
         update_rows = tr.minibatch_rows
         calls = {"rollout": batch // rows, "reward": batch // rows, "update": t.minibatches,
-                 "evaluate": -(-len(tr.eval_prompt_ids()[0]) // rows) / max(1, config.eval_every)}
+                 "evaluate": -(-len(evaluation.eval_prompt_ids(tr)[0]) // rows) / max(1, config.eval_every)}
         out = {}
         for name in names:
             key = (name, sample_micro if name in SAMPLE_PROGRAMS else train_micro)
@@ -347,9 +347,10 @@ def plan(config, topology: Topology, *, name: str | None = None, preset: str = "
         at = (lambda m: measured(m, other, names)) if is_sample else (lambda m: measured(other, m, names))
         worst = lambda res: max(r["peak"] for r in res.values())
         need = lambda res: max(r["temporaries"] for r in res.values())  # what grows with the rows
-        sizes = _divisors(total_rows) if is_sample else list(range(1, total_rows + 1))
+        unit = 1 if is_sample else trainer.method.train_micro_unit()  # GDRO: whole groups per gradient call
+        sizes = _divisors(total_rows) if is_sample else list(range(unit, max(total_rows, unit) + 1, unit))
         m0 = current or total_rows
-        first = at(m0)
+        first = at(m0 if current or unit == 1 else 0)  # 0: the whole minibatch per call (m0 may be no multiple)
         if worst(first) <= hbm:
             return current
         points = [(m0, need(first))]

@@ -97,6 +97,11 @@ def test_every_variant_builds_and_validates(name, variant):
         assert m.noise_level**2 / (2 * g.kl_beta) == 0.01  # the script's PROCESS_LATENT_REWARD_GUIDANCE_SCALE
         assert (m.guidance, c.sample.eval_guidance, steps_per_epoch) == (4.5, 4.5, 2)
         assert g.source == ("reward" if name == "pickscore" else "prm") and not m.filter_zero_advantage
+    elif c.method == "gdro":  # GDRO arXiv 2601.02036 (k, tau, beta, gamma; the rest chosen: flowjax/recipes.py)
+        assert (c.train.group_size, m.tau, m.solver, m.shared_noise) == (6, 0.05, "ode", True)
+        assert (m.beta, m.gamma) == {"geneval": (6.0, 1.0), "ocr": (12.0, 0.5)}[name]
+        assert m.offline == (variant == "gdro_offline") and c.train.prompts_per_batch % c.train.minibatches == 0
+        assert c.sample.num_steps == (40 if m.offline else 10) and "eval_ema" not in m and c.eval_every == 60
     else:  # DiffusionNFT config/nft.py (24af555)
         assert c.sample.num_steps == 10 and m.guidance == c.sample.eval_guidance == 1.0 and c.eval_every == 10
         assert (m.mix, m.decay_type, steps_per_epoch) == {"geneval": (1.0, 1, 1), "ocr": (0.1, 2, 2),
@@ -317,6 +322,30 @@ def test_ocr_nft_one_step(tiny, servers, tmp_path):
     ref_ctx, ref_pooled = world._encode_texts([world.prompts[1].prompt, world.prompts[0].prompt])
     np.testing.assert_allclose(np.asarray(ctx, np.float32)[:2], np.asarray(ref_ctx, np.float32), atol=1e-5)
     np.testing.assert_allclose(np.asarray(pooled, np.float32)[2], np.asarray(ref_pooled, np.float32)[0], atol=1e-5)
+
+
+@pytest.mark.slow  # ~2 min on a busy 2-core CPU
+def test_geneval_gdro_one_step(tiny, servers, tmp_path):
+    """GDRO online: ODE rollouts with CFG, raw GenEval rewards ranked within each group."""
+    c = shrink(geneval.get_config("gdro"), tiny["model"])
+    c.world.generate_train, c.world.generate_test = 4, 1
+    c.reward.url = servers["geneval"].url
+    trainer, rows = run_one_step(c, tmp_path)
+    assert rows[1]["nfe/rollout"] > 0 and math.isfinite(rows[1]["rank_loss"]) and rows[1]["fm_loss"] > 0
+
+
+@pytest.mark.slow  # ~2 min on a busy 2-core CPU
+def test_ocr_gdro_offline_one_step(tiny, servers, tmp_path):
+    """GDRO offline: the dataset (one batch here) sampled by the base model and scored into WORKDIR/rollouts/,
+    then one training step on it."""
+    c = shrink(ocr.get_config("gdro_offline"), tiny["model"])
+    c.world.prompts = str(tiny["ocr"])
+    c.reward.name, c.reward.url = "remote", servers["ocr"].url + "/score"  # the server option of configs/ocr.py
+    c.reward.options = {"timeout": 120.0, "retries": 3, "batch_size": 64}
+    c.gdro.offline_batches = 1
+    trainer, rows = run_one_step(c, tmp_path)
+    assert rows[1]["nfe/rollout"] == 0 and rows[1]["nfe/dataset"] > 0 and rows[1]["images/sampled"] == 4
+    assert (tmp_path / "rollouts" / "batch_000000.npz").is_file()
 
 
 def test_pickscore_awm_one_step(tiny, tmp_path):

@@ -38,10 +38,11 @@ def devices():
     return plan_lib.tpu_devices(plan_lib.parse_topology("v5e:2x2"))
 
 
-def test_toy_plan_compiles_every_program(devices, tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", ["nft", "gdro"])  # GDRO: advantages [B, 2] (reward, group) in its update
+def test_toy_plan_compiles_every_program(variant, devices, tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWJAX_PLAN_CACHE", str(tmp_path))
     lines = []
-    report = plan_lib.plan(toy.get_config("nft"), plan_lib.parse_topology("v5e:2x2"), devices=devices,
+    report = plan_lib.plan(toy.get_config(variant), plan_lib.parse_topology("v5e:2x2"), devices=devices,
                            log=lines.append)
     assert set(report["programs"]) == {"rollout", "reward", "update", "evaluate"}
     assert report["fits"] and not report["searched"] and report["epoch_flops"] > 0

@@ -9,12 +9,28 @@ import numpy as np
 from flowjax import plots
 
 
+def eval_world(trainer):
+    """Where evaluation prompts come from: the world's held-out split when it has one."""
+    return getattr(trainer.world, "eval_world", None) or trainer.world
+
+
+def eval_prompt_ids(trainer) -> tuple[np.ndarray, int]:
+    """The fixed evaluation batch: the first `num_eval_prompts` prompts (0 = all), each
+    `eval_samples_per_prompt` times, padded by repetition to a multiple of the devices (of the
+    micro-batch, with `sample.micro_batch`); and the number of real (unpadded) rows, the only ones scored."""
+    s, world = trainer.config.sample, eval_world(trainer)
+    n = world.num_prompts if not s.num_eval_prompts else min(s.num_eval_prompts, world.num_prompts)
+    ids = np.repeat(np.arange(n), s.get("eval_samples_per_prompt", 1))
+    unit = trainer.micro_rows or trainer._dp()
+    return np.resize(ids, -(-len(ids) // unit) * unit), len(ids)
+
+
 def evaluate_params(trainer, params, prefix: str, grid_name: str | None) -> dict:
     """ODE samples of the trainer's evaluation prompts by `params` from fixed noise (any micro-batching
     draws the same): `<prefix>/reward_mean`, `<prefix>/accuracy` (per task too when the world names tasks) and
     the world's other scores; with `grid_name`, a captioned grid of the first samples under WORKDIR/samples/."""
-    ids, n = trainer.eval_prompt_ids()
-    world = trainer.eval_world
+    ids, n = eval_prompt_ids(trainer)
+    world = eval_world(trainer)
     k_noise, samples, scores = jax.random.PRNGKey(10_000 + trainer.config.seed), [], []
     for rows in trainer._micro_batches(len(ids)):
         samples.append(trainer._evaluate(params, trainer.frozen, trainer._cond(ids[rows], world),

@@ -17,9 +17,13 @@ method-specific:
                     default one `sampling.rollout` per batch row; a method may score more rows than the
                     batch has (TempFlow-GRPO's branches), naming each row's batch row in keep["source"]
   keep()            what the default rollout keeps for training (batch-first arrays)
+  offline_batches() 0 (online: fresh rollouts by the policy every epoch), or the size in batches of a fixed
+                    dataset that the trainer samples and scores once with the reference policy, keeps in
+                    WORKDIR/rollouts/ and trains on instead of sampling (GDRO's offline mode)
   advantages()      rewards -> advantages ([B] or per sampler step [B, T]); group normalisation by default
   plan()            how the epoch's rows go into minibatches (and with which weights)
   grads()           the mean gradient and metrics of one minibatch (pure, jitted by the trainer)
+  train_micro_unit() the rows a gradient call keeps together (train.micro_batch a multiple of it; 1 by default)
   end_of_epoch()    its state updates after the epoch's optimizer steps
   eval_ema()        its EMA evaluation copy: decay, interval and cadence, or None
 
@@ -198,6 +202,19 @@ class Method:
         """How many rows the rollout of `batch` samples returns (its scored and trained rows)."""
         return batch
 
+    def train_micro_unit(self) -> int:
+        """`train.micro_batch` (rows per device per gradient call) must be a multiple of this: the rows a gradient
+        call must keep together (GDRO: a prompt's group). 1 by default; `flowjax.plan` searches its multiples."""
+        return 1
+
+    def offline_batches(self) -> int:
+        """0: every epoch samples fresh rollouts with its sampler (online). n > 0: before the first epoch the
+        trainer samples n batches with the REFERENCE policy (this method's rollout, the batches of epochs
+        0..n-1), scores them and stores (keep, scores) in WORKDIR/rollouts/ (reused when there, so a resumed
+        run samples nothing); every epoch then trains on `train.prompts_per_batch` of the stored groups
+        (all groups once per pass, in a random order per pass) instead of sampling."""
+        return 0
+
     # ---------------------------------------------------------------- advantages and minibatches
 
     def advantages(self, rewards, group_ids, num_groups: int, keep: dict):
@@ -304,6 +321,7 @@ _REGISTRY: dict[str, str] = {
     "nft": "flowjax.rl.nft:DiffusionNFT",
     "tempflow": "flowjax.rl.tempflow:TempFlowGRPO",
     "euphonium": "flowjax.rl.euphonium:Euphonium",
+    "gdro": "flowjax.rl.gdro:GDRO",
 }
 
 

@@ -39,10 +39,11 @@ from flowjax.models import lora
 from flowjax.models.prediction import check_prediction, to_velocity
 from flowjax.rl import abstract as abstract_lib
 from flowjax.rl import advantages as adv_lib
-from flowjax.rl import evaluation, optim
+from flowjax.rl import evaluation, feed, optim
 from flowjax.rl.batching import accumulate_window, micro_batched, minibatch_layout
 from flowjax.rl.ema import eval_ema_step
 from flowjax.rl.method import Cond, Context, build_method, velocity
+from flowjax.rl.rollout_store import sample_dataset
 from flowjax.worlds import check_world
 
 @struct.dataclass
@@ -134,6 +135,13 @@ class Trainer:
         self.ema_spec = self.method.eval_ema()
         self.guide_state = self.method.guide_state(world)  # None unless the method guides its rollouts
         self.nfes = self.method.nfes(self.batch_size)
+        # Offline methods train on a fixed dataset sampled once (Method.offline_batches): no rollout per epoch;
+        # the dataset's cost is logged once, as nfe/dataset, at the epoch that samples it.
+        self.offline_batches = self.method.offline_batches()
+        self._stored = None
+        if self.offline_batches:
+            self.dataset_nfes_per_batch = self.nfes["rollout"]
+            self.nfes = {**self.nfes, "rollout": 0}
         self.compute_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
         micro = int(s.get("micro_batch", 0) or 0)
         self.micro_rows = micro * dp if micro and micro * dp < self.batch_size else 0
@@ -284,7 +292,7 @@ class Trainer:
                 ema = ema_step(ema, state.params, state.opt_step)
             return state.replace(method=method_state, ema=ema, step=state.step + 1), metrics
 
-        eval_world = self.eval_world
+        eval_world = evaluation.eval_world(self)
 
         # Replicated outputs: every process reads the whole per-sample evaluation (multi-host safe).
         @functools.partial(jax.jit, out_shardings=self.replicated)
@@ -296,30 +304,17 @@ class Trainer:
         self._rollout, self._evaluate, self._update, self._end_of_epoch = rollout, evaluate, update, end_of_epoch
         self._score, self._advantages, self._plan, self._eval_scores = score, advantages, plan, eval_scores
         self._zero_acc = zeros
+        # Offline datasets: a rollout's kept arrays and scores, replicated so that every process can store them.
+        self._replicate = jax.jit(lambda tree: tree, out_shardings=self.replicated)
 
     # ------------------------------------------------------------------ data
 
     def _global(self, host_array):
-        """A global array sharded over the batch axis from this process's rows of the global batch."""
-        n = jax.process_count()
-        rows = host_array.shape[0] // n
-        local = host_array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-        return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local), host_array.shape)
+        return feed.global_rows(host_array, self.batch_sharding)
 
     def _cond(self, prompt_ids, world=None) -> Cond:
-        """Conditioning of a global batch of prompts: each process encodes only its own rows, in the model's
-        compute dtype; the negative prompt's embedding is kept once, replicated, and broadcast on device."""
-        world = world or self.world
-        ids = np.asarray(prompt_ids)
-        n, p = len(ids), jax.process_count()
-        local = ids[jax.process_index() * (n // p):(jax.process_index() + 1) * (n // p)]
-        ctx, pooled = world.encode(local)
-        neg_ctx, neg_pooled = world.negative(1)
-        dtype = self.compute_dtype
-        glob = lambda a: jax.make_array_from_process_local_data(
-            self.batch_sharding, np.asarray(a).astype(dtype), (n, *np.shape(a)[1:]))
-        once = lambda a: jax.device_put(np.asarray(a)[0].astype(dtype), self.replicated)
-        return Cond(glob(ctx), glob(pooled), once(neg_ctx), once(neg_pooled))
+        return feed.conditioning(world or self.world, prompt_ids, self.batch_sharding, self.replicated,
+                                 self.compute_dtype)
 
     def _micro_batches(self, n: int) -> list[np.ndarray]:
         """Row indices of each program call over n rows: `sample.micro_batch` rows per device x the
@@ -333,21 +328,6 @@ class Trainer:
         return parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
     # ------------------------------------------------------------------ evaluation
-
-    @property
-    def eval_world(self):
-        """Where evaluation prompts come from: the world's held-out split when it has one."""
-        return getattr(self.world, "eval_world", None) or self.world
-
-    def eval_prompt_ids(self) -> tuple[np.ndarray, int]:
-        """The fixed evaluation batch: the first `num_eval_prompts` prompts (0 = all), each
-        `eval_samples_per_prompt` times, padded by repetition to a multiple of the devices (of the
-        micro-batch, with `sample.micro_batch`); and the number of real (unpadded) rows, the only ones scored."""
-        s, world = self.config.sample, self.eval_world
-        n = world.num_prompts if not s.num_eval_prompts else min(s.num_eval_prompts, world.num_prompts)
-        ids = np.repeat(np.arange(n), s.get("eval_samples_per_prompt", 1))
-        unit = self.micro_rows or self._dp()
-        return np.resize(ids, -(-len(ids) // unit) * unit), len(ids)
 
     def evaluate(self, grid_name: str | None = None) -> dict:
         """ODE samples of the evaluation prompts from fixed noise, for the policy (`eval/...`) and, when the
@@ -365,38 +345,30 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One epoch of the references: a batch of rollouts, then `minibatches` updates on it."""
-        c, t = self.config, self.config.train
+        t = self.config.train
         step = int(self.state.step)
         prompt_ids, group_ids = self.sampler.batch(step)
         key = jax.random.fold_in(self.state.key, step)
         k_noise, k_sample, k_window, k_perm, k_train = jax.random.split(key, 5)
         window = self.method.window(step, k_window)
-        sampler = self.method.rollout_spec().sampler
-        sample_params = self.state.params if sampler == "policy" else self.state.method[sampler]
-        batch = self.batch_size
-        noise_ids = np.arange(batch)
-        if c.sample.same_noise_per_group:  # a group's rows start from its first row's noise
-            noise_ids = np.asarray([np.flatnonzero(group_ids == g)[0] for g in group_ids])
-        world_state = getattr(self.world, "state", None)
+        dataset_metrics = {}
         t0 = time.perf_counter()
-        conds, keeps, scores, sources = [], [], [], []
-        for rows in self._micro_batches(batch):
-            cond = self._cond(prompt_ids[rows])
-            keep, samples = self._rollout(sample_params, self.frozen, cond,
-                                          self._global(noise_ids[rows].astype(np.int32)),
-                                          self._global(rows.astype(np.int32)), k_noise, k_sample, window,
-                                          self._global(prompt_ids[rows].astype(np.int32)), self.guide_state)
-            # Scored rows: the micro-batch's, or the method's own (keep["source"]: each one's row in the call).
-            local = np.asarray(jax.device_get(keep.pop("source"))) if "source" in keep else np.arange(len(rows))
-            scores.append(self._score(samples, self._global(prompt_ids[rows[local]].astype(np.int32)), world_state))
-            conds.append(cond)
-            keeps.append(keep)
-            sources.append(rows[local])
-        source = np.concatenate(sources)
-        cond = Cond(*self._concat([(cd.ctx, cd.pooled) for cd in conds]), conds[0].neg_ctx, conds[0].neg_pooled)
-        keep = self._concat(keeps)
-        advantages, reward_metrics = self._advantages(self._concat(scores),
-                                                      self._global(group_ids[source].astype(np.int32)), keep)
+        if self.offline_batches:  # offline: the epoch's rows come from the stored dataset, nothing is sampled
+            dataset_metrics = {"images/sampled": 0}
+            if self._stored is None:
+                self._stored, dataset_metrics = sample_dataset(self)
+            prompt_ids, group_ids, keep, scores = self._stored.epoch(step)
+            source = np.arange(len(prompt_ids))
+            conds = [self._cond(prompt_ids[rows]) for rows in self._micro_batches(len(prompt_ids))]
+            cond = Cond(*self._concat([(cd.ctx, cd.pooled) for cd in conds]), conds[0].neg_ctx, conds[0].neg_pooled)
+            keep = {k: self._global(v) for k, v in keep.items()}
+            scores = {k: self._global(v) for k, v in scores.items()}
+        else:
+            sampler = self.method.rollout_spec().sampler
+            sample_params = self.state.params if sampler == "policy" else self.state.method[sampler]
+            cond, keep, scores, source = self._sample_batch(sample_params, prompt_ids, group_ids, k_noise, k_sample,
+                                                            window)
+        advantages, reward_metrics = self._advantages(scores, self._global(group_ids[source].astype(np.int32)), keep)
         t_sample = time.perf_counter() - t0
 
         order, weights = (np.asarray(a) for a in jax.device_get(self._plan(advantages, k_perm)))
@@ -419,10 +391,36 @@ class Trainer:
         metrics.update(reward_metrics)
         metrics.update({k: float(v) for k, v in epoch_metrics.items()})
         metrics.update({f"nfe/{k}": v for k, v in self.nfes.items()})
+        metrics.update(dataset_metrics)
         metrics.update({"train/kept_fraction": float(weights.mean()), "train/opt_steps": int(self.state.opt_step),
                         "time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0,
                         "nan_steps": self.state.nan_steps})
         return metrics
+
+    def _sample_batch(self, params, prompt_ids, group_ids, k_noise, k_sample, window):
+        """Rollouts of one batch by `params` (the method's rollout, in `sample.micro_batch` calls with per-row
+        noise, so any micro-batching samples the same) and the world's scores of them: (cond, keep, scores,
+        source), keep and scores over the scored rows, source [R] each scored row's batch row."""
+        batch = len(prompt_ids)
+        noise_ids = np.arange(batch)
+        if self.config.sample.same_noise_per_group:  # a group's rows start from its first row's noise
+            noise_ids = np.asarray([np.flatnonzero(group_ids == g)[0] for g in group_ids])
+        world_state = getattr(self.world, "state", None)
+        conds, keeps, scores, sources = [], [], [], []
+        for rows in self._micro_batches(batch):
+            cond = self._cond(prompt_ids[rows])
+            keep, samples = self._rollout(params, self.frozen, cond,
+                                          self._global(noise_ids[rows].astype(np.int32)),
+                                          self._global(rows.astype(np.int32)), k_noise, k_sample, window,
+                                          self._global(prompt_ids[rows].astype(np.int32)), self.guide_state)
+            # Scored rows: the micro-batch's, or the method's own (keep["source"]: each one's row in the call).
+            local = np.asarray(jax.device_get(keep.pop("source"))) if "source" in keep else np.arange(len(rows))
+            scores.append(self._score(samples, self._global(prompt_ids[rows[local]].astype(np.int32)), world_state))
+            conds.append(cond)
+            keeps.append(keep)
+            sources.append(rows[local])
+        cond = Cond(*self._concat([(cd.ctx, cd.pooled) for cd in conds]), conds[0].neg_ctx, conds[0].neg_pooled)
+        return cond, self._concat(keeps), self._concat(scores), np.concatenate(sources)
 
     def train(self, num_steps: int | None = None) -> None:
         """Runs to `train.steps` (or `num_steps` more). Evaluates before the first update, every
