@@ -46,9 +46,7 @@ PRESETS = {
     # FLUX.1 (flowjax.models.presets: the FLUX.1-dev / -schnell transformer/config.json).
     "flux-dev": dict(family="flux", **presets.FLUX_DEV),
     "flux-schnell": dict(family="flux", **presets.FLUX_SCHNELL),
-    "flux-tiny": dict(family="flux", in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
-                      num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
-                      axes_dims_rope=(8, 12, 12)),
+    "flux-tiny": dict(family="flux", **presets.FLUX_TINY),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -4,7 +4,8 @@ Tells before launch whether a training config fits a TPU slice: it builds the tr
 reward, update, evaluation: `Trainer(abstract=True)`, shapes only, no weights) and compiles each ahead of time
 for the TPU topology T on this machine, with the TPU compiler from PyPI (`pip install -e ".[plan]"`, which
 installs the `libtpu` that jax pins; no TPU is needed). Shapes come from the model folder of the config when it
-exists (`world.model`), else from flowjax.models.presets (`--preset`, SD3.5-Medium by default).
+exists (`world.model`), else from flowjax.models.presets (`--preset`; SD3.5-Medium for SD3 configs,
+FLUX.1-dev for FLUX ones: configs/flux_pickscore.py, configs/flux_geneval.py).
 
 Prints, per program: the calls per epoch, rows per call, the per-chip argument / temporary / output bytes, the
 peak per chip (resident weights and states + the epoch's buffers + the call's inputs, temporaries and outputs)
@@ -97,27 +98,36 @@ def tpu_devices(topology: Topology):
 
 
 class PlanWorld:
-    """The SD3 world's shapes without its weights: conditioning shapes, and a score that decodes with the VAE
-    and applies the reward model (jittable rewards), or only decodes (host rewards take no accelerator memory
+    """The SD3 / FLUX world's shapes without its weights: conditioning shapes, and a score that decodes with the
+    VAE and applies the reward model (jittable rewards), or only decodes (host rewards take no accelerator memory
     beyond the decoded images). Text encoders are not in the training programs; their weights are counted as
-    resident when the prompt set is encoded per batch."""
+    resident when the prompt set is encoded per batch. As the SD3 world with a FLUX pipeline, it gives the
+    trainer FLUX.1-dev's embedded guidance (`model_guidance`, None for SD3 and FLUX.1-schnell) and the
+    pipeline's schedule (`sigmas(num_steps)`, for `sample.shift = "dynamic"`; None for SD3)."""
 
-    def __init__(self, config, *, transformer_cfg, vae_cfg, reward, dtype, num_prompts: int):
+    def __init__(self, config, *, channels, cond_shapes, vae_cfg, reward, dtype, num_prompts: int,
+                 model_guidance: float | None = None, sigmas=None):
         import jax.numpy as jnp
         from flax import nnx
 
         from flowjax.models.vae import AutoencoderKL
 
         self.config = config
-        self.channels = transformer_cfg.in_channels
+        self.channels = channels
         self.num_prompts = num_prompts
-        seq = 77 + int(config.world.get("max_sequence_length", 128))  # CLIP tokens + T5 tokens, as SD3Pipeline
-        self.cond_shapes = ((seq, transformer_cfg.joint_attention_dim), (transformer_cfg.pooled_projection_dim,))
+        self.cond_shapes = cond_shapes
+        self.model_guidance = model_guidance
+        self._sigmas = sigmas
         vae = nnx.eval_shape(lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
         self._vae_graphdef, vae_state = nnx.split(vae)
         self.reward = reward
         self.state = {"vae": vae_state, "reward": None if reward is None else reward.params,
                       "tokens": None if reward is None else jnp.zeros((num_prompts, 77), jnp.int32)}
+
+    def sigmas(self, num_steps: int):
+        if self._sigmas is None:
+            raise ValueError("sample.shift='dynamic' needs a FLUX world; SD3 configs give a number (3.0)")
+        return self._sigmas(num_steps)
 
     def encode(self, ids):
         raise NotImplementedError("PlanWorld has shapes only")
@@ -136,54 +146,123 @@ class PlanWorld:
         return {"reward": self.reward.score(state["reward"], images, state["tokens"][prompt_ids])}
 
 
-def _sd3_parts(config, preset: str, dtype):
-    """(transformer config, VAE config, jittable reward or None, text-encoder parameter bytes) of an SD3 config."""
+def _param_bytes(build, dtype) -> int:
+    """Parameter bytes of a module, in `dtype`, from its abstract shapes."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    state = nnx.state(nnx.eval_shape(build), nnx.Param)
+    return sum(math.prod(x.shape) * jnp.dtype(dtype).itemsize for x in jax.tree.leaves(state))
+
+
+def _folder_config(config, sub: str, default: dict) -> dict:
+    """The config.json of `world.model`/<sub> when that folder exists, else `default` (a preset)."""
     from flowjax.convert.safetensors_io import read_config_json
+
+    folder = _model_folder(config)
+    return read_config_json(folder / sub) if folder and (folder / sub / "config.json").is_file() else default
+
+
+def _model_folder(config) -> Path | None:
+    model = config.world.get("model") or ""
+    return Path(model) if model and Path(model).is_dir() else None
+
+
+def _jittable_reward(config):
+    """The config's reward when it runs inside the programs (PickScore), as shapes; None for host rewards."""
+    from flax import nnx
+
     from flowjax.models import presets
     from flowjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    if str(config.reward.get("name", "")).lower() != "pickscore":
+        return None
+    from flowjax.rewards.clip_rewards import CLIPDual, PickScore
+    from flowjax.rewards.preprocess import CLIPPreprocess
+
+    dual = nnx.eval_shape(lambda: CLIPDual(
+        CLIPTextModel(CLIPTextConfig.from_transformers(presets.PICKSCORE_TEXT), with_projection=True,
+                      rngs=nnx.Rngs(0)),
+        CLIPVisionModel(CLIPVisionConfig.from_transformers(presets.PICKSCORE_VISION), with_projection=True,
+                        rngs=nnx.Rngs(0)), 4.6))
+    return PickScore(dual, CLIPPreprocess(image_size=224))
+
+
+def _sd3_parts(config, preset: str, dtype):
+    """(transformer config, VAE config, jittable reward or None, text-encoder parameter bytes) of an SD3 config."""
+    from flax import nnx
+
+    from flowjax.models import presets
+    from flowjax.models.clip import CLIPTextConfig, CLIPTextModel
     from flowjax.models.mmdit import MMDiTConfig
     from flowjax.models.t5 import T5Config, T5Encoder
     from flowjax.models.vae import VAEConfig
 
-    folder = Path(config.world.get("model") or "")
-    own = lambda sub: folder.is_dir() and (folder / sub / "config.json").is_file()
     if preset not in presets.TRANSFORMERS:
-        raise ValueError(f"--preset must be one of {sorted(presets.TRANSFORMERS)}, got {preset!r}")
-    transformer = MMDiTConfig.from_diffusers(read_config_json(folder / "transformer") if own("transformer")
-                                             else presets.TRANSFORMERS[preset])
-    vae = VAEConfig.from_diffusers(read_config_json(folder / "vae") if own("vae") else presets.SD3_VAE)
+        raise ValueError(f"--preset must be one of {sorted(presets.TRANSFORMERS)} for an SD3 config, got {preset!r}")
+    transformer = MMDiTConfig.from_diffusers(_folder_config(config, "transformer", presets.TRANSFORMERS[preset]))
+    vae = VAEConfig.from_diffusers(_folder_config(config, "vae", presets.PRESET_VAES.get(preset, presets.SD3_VAE)))
 
-    def param_bytes(build):
-        state = nnx.state(nnx.eval_shape(build), nnx.Param)
-        return sum(math.prod(x.shape) * jnp.dtype(dtype).itemsize for x in __import__("jax").tree.leaves(state))
-
-    encoders = param_bytes(lambda: CLIPTextModel(CLIPTextConfig.from_transformers(presets.CLIP_L_TEXT),
-                                                 with_projection=True, rngs=nnx.Rngs(0)))
-    encoders += param_bytes(lambda: CLIPTextModel(CLIPTextConfig.from_transformers(presets.CLIP_G_TEXT),
-                                                  with_projection=True, rngs=nnx.Rngs(0)))
+    encoders = _param_bytes(lambda: CLIPTextModel(CLIPTextConfig.from_transformers(presets.CLIP_L_TEXT),
+                                                  with_projection=True, rngs=nnx.Rngs(0)), dtype)
+    encoders += _param_bytes(lambda: CLIPTextModel(CLIPTextConfig.from_transformers(presets.CLIP_G_TEXT),
+                                                   with_projection=True, rngs=nnx.Rngs(0)), dtype)
     if config.world.get("text_encoder_3", True):
-        encoders += param_bytes(lambda: T5Encoder(T5Config.from_transformers(presets.T5_XXL), rngs=nnx.Rngs(0)))
-
-    reward = None
-    if str(config.reward.get("name", "")).lower() == "pickscore":
-        from flowjax.rewards.clip_rewards import CLIPDual, PickScore
-        from flowjax.rewards.preprocess import CLIPPreprocess
-
-        dual = nnx.eval_shape(lambda: CLIPDual(
-            CLIPTextModel(CLIPTextConfig.from_transformers(presets.PICKSCORE_TEXT), with_projection=True,
-                          rngs=nnx.Rngs(0)),
-            CLIPVisionModel(CLIPVisionConfig.from_transformers(presets.PICKSCORE_VISION), with_projection=True,
-                            rngs=nnx.Rngs(0)), 4.6))
-        reward = PickScore(dual, CLIPPreprocess(image_size=224))
-    return transformer, vae, reward, encoders
+        encoders += _param_bytes(lambda: T5Encoder(T5Config.from_transformers(presets.T5_XXL), rngs=nnx.Rngs(0)),
+                                 dtype)
+    return transformer, vae, _jittable_reward(config), encoders
 
 
-def build_abstract(config, mesh, *, preset: str = "sd35-medium"):
+def _flux_parts(config, preset: str, dtype):
+    """(transformer config, VAE config, jittable reward or None, text-encoder parameter bytes, schedule settings)
+    of a FLUX config: FluxPipeline's parts (CLIP-L pooled + T5-XXL), from `world.model` when it exists, else
+    from the presets (FLUX.1-dev, its VAE, FluxPipeline's default schedule: FLUX.1-dev's dynamic shift)."""
+    from flax import nnx
+
+    from flowjax.models import presets
+    from flowjax.models.clip import CLIPTextConfig, CLIPTextModel
+    from flowjax.models.flux import FluxConfig
+    from flowjax.models.t5 import T5Config, T5Encoder
+    from flowjax.models.vae import VAEConfig
+    from flowjax.pipeline.flux import _SCHEDULE_DEFAULTS, read_scheduler_config
+
+    if preset not in presets.FLUX_TRANSFORMERS:
+        raise ValueError(f"--preset must be one of {sorted(presets.FLUX_TRANSFORMERS)} for a FLUX config, "
+                         f"got {preset!r}")
+    transformer = FluxConfig.from_diffusers(_folder_config(config, "transformer", presets.FLUX_TRANSFORMERS[preset]))
+    vae = VAEConfig.from_diffusers(_folder_config(config, "vae", presets.PRESET_VAES.get(preset, presets.FLUX_VAE)))
+    folder = _model_folder(config)
+    schedule = {**_SCHEDULE_DEFAULTS, "use_dynamic_shifting": True, "time_shift_type": "exponential"}
+    if folder and (folder / "scheduler").is_dir():
+        schedule.update(read_scheduler_config(folder / "scheduler"))
+    # FluxPipeline's text encoders: CLIP-L (its pooled output, no projection) and T5-XXL.
+    encoders = _param_bytes(lambda: CLIPTextModel(CLIPTextConfig.from_transformers(presets.CLIP_L_TEXT),
+                                                  with_projection=False, rngs=nnx.Rngs(0)), dtype)
+    encoders += _param_bytes(lambda: T5Encoder(T5Config.from_transformers(presets.T5_XXL), rngs=nnx.Rngs(0)), dtype)
+    return transformer, vae, _jittable_reward(config), encoders, schedule
+
+
+def _flux_sigmas(schedule: dict, latent_size):
+    """FluxPipeline.sigmas at the config's latent size: num_steps -> sigmas [num_steps + 1]."""
+    from flowjax import sampling
+    from flowjax.models.flux import PACK
+
+    h, w = latent_size
+    mu = (sampling.flux_mu((h // PACK) * (w // PACK), schedule["base_image_seq_len"], schedule["max_image_seq_len"],
+                           schedule["base_shift"], schedule["max_shift"])
+          if schedule["use_dynamic_shifting"] else None)
+    return lambda n: sampling.flux_sigmas(n, mu=mu, shift=schedule["shift"],
+                                          time_shift_type=schedule["time_shift_type"])
+
+
+DEFAULT_PRESETS = {"sd3": "sd35-medium", "flux": "flux-dev"}
+
+
+def build_abstract(config, mesh, *, preset: str | None = None):
     """The config's trainer in abstract mode on `mesh`, and the resident bytes that live outside its programs'
-    arguments ({name: bytes per device})."""
+    arguments ({name: bytes per device}). `preset`: the transformer's shapes when `world.model` is absent
+    (default: sd35-medium for SD3 configs, flux-dev for FLUX)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -197,17 +276,37 @@ def build_abstract(config, mesh, *, preset: str = "sd35-medium"):
     rules = tuple(config.sharding_rules)
     act = sharding_lib.ActivationSharding(mesh, rules)
     name = config.world.get("name", "toy")
+    preset = preset or DEFAULT_PRESETS.get(name)
     extra, model_opts = {}, dict(config.get("model") or {})
     kw = dict(attention_impl=model_opts.get("attention", "xla"), remat=model_opts.get("remat", "none"))
-    if name == "sd3":
-        transformer, vae, reward, encoders = _sd3_parts(config, preset, param_dtype)
+    if name in ("sd3", "flux"):
         n_prompts = max(int(config.world.get("generate_train", 5000)), config.train.prompts_per_batch)
-        world = PlanWorld(config, transformer_cfg=transformer, vae_cfg=vae, reward=reward, dtype=dtype,
-                          num_prompts=n_prompts)
+        seq = int(config.world.get("max_sequence_length", 128))  # T5 tokens
+        if name == "sd3":
+            transformer, vae, reward, encoders = _sd3_parts(config, preset, param_dtype)
+            world = PlanWorld(config, channels=transformer.in_channels,
+                              cond_shapes=((77 + seq, transformer.joint_attention_dim),  # CLIP + T5, as SD3Pipeline
+                                           (transformer.pooled_projection_dim,)),
+                              vae_cfg=vae, reward=reward, dtype=dtype, num_prompts=n_prompts)
+            build = lambda: MMDiT(transformer, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                  activation_sharding=act, **kw)
+        else:
+            from flowjax.models.flux import Flux
+
+            transformer, vae, reward, encoders, schedule = _flux_parts(config, preset, param_dtype)
+            if vae.latent_channels != transformer.latent_channels:
+                raise ValueError(f"the FLUX transformer takes {transformer.latent_channels} latent channels, the VAE "
+                                 f"gives {vae.latent_channels}")
+            guidance = float(config.world.get("guidance", 3.5)) if transformer.guidance_embeds else None
+            world = PlanWorld(config, channels=transformer.latent_channels,
+                              cond_shapes=((seq, transformer.joint_attention_dim),  # T5 only, as FluxPipeline
+                                           (transformer.pooled_projection_dim,)),
+                              vae_cfg=vae, reward=reward, dtype=dtype, num_prompts=n_prompts,
+                              model_guidance=guidance, sigmas=_flux_sigmas(schedule, config.sample.latent_size))
+            build = lambda: Flux(transformer, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                 activation_sharding=act, **kw)
         if n_prompts > int(config.world.get("precompute_limit", 256)):
             extra["text encoders (sharded, encode per batch)"] = encoders / mesh.size
-        build = lambda: MMDiT(transformer, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                              activation_sharding=act, **kw)
     elif name == "toy":
         from flowjax.worlds.toy import ToyWorld
 
@@ -217,7 +316,7 @@ def build_abstract(config, mesh, *, preset: str = "sd35-medium"):
                          num_prompts=config.world.num_prompts, target_scale=config.world.target_scale, seed=config.seed)
         build = lambda: MMDiT(arch, rngs=nnx.Rngs(0), dtype=dtype, activation_sharding=act, **kw)
     else:
-        raise ValueError(f"flowjax.plan supports the sd3 and toy worlds, not world.name={name!r}")
+        raise ValueError(f"flowjax.plan supports the sd3, flux and toy worlds, not world.name={name!r}")
     trainer = Trainer(config, None, model=build, world=world, mesh=mesh, abstract=True)
     return trainer, extra
 
@@ -283,7 +382,7 @@ def _divisors(n: int) -> list[int]:
 SAMPLE_PROGRAMS, TRAIN_PROGRAMS = ("rollout", "reward", "evaluate"), ("update",)
 
 
-def plan(config, topology: Topology, *, name: str | None = None, preset: str = "sd35-medium", devices=None,
+def plan(config, topology: Topology, *, name: str | None = None, preset: str | None = None, devices=None,
          log=print) -> dict:
     """Compiles the config's programs for `topology`; when they do not fit, searches the largest micro-batches
     that do (a line through the measured memory of two sizes, each guess compiled to check it). Returns the
@@ -438,7 +537,9 @@ def main(argv=None) -> int:
 
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/geneval.py:grpo", lock_config=False)
     flags.DEFINE_string("topology", None, "TPU topology: v5e-8, v5p-16, v4-32, v6e-8, ... or v5e:2x4")
-    flags.DEFINE_string("preset", "sd35-medium", "model shapes when the config's world.model folder is absent")
+    flags.DEFINE_string("preset", None, "model shapes when the config's world.model folder is absent: "
+                        "sd35-medium (SD3 default), sd35-large, sd3-medium, flux-dev (FLUX default), "
+                        "flux-schnell, flux-tiny")
     flags.mark_flags_as_required(["config", "topology"])
 
     def run(_):

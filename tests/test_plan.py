@@ -1,14 +1,16 @@
 """python -m flowjax.plan: ahead-of-time compilation of the trainer's programs for TPU topologies, on this CPU
-machine, with the TPU compiler of the libtpu package (a test dependency). The SD3.5-M plans are --runslow."""
+machine, with the TPU compiler of the libtpu package (a test dependency). The SD3.5-M and FLUX.1-dev plans are
+--runslow."""
 
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from configs import toy
+from configs import flux_geneval, toy
 from flowjax import plan as plan_lib
 
 pytest.importorskip("libtpu", reason="flowjax.plan needs the TPU compiler: pip install -e '.[plan]'")
@@ -51,6 +53,70 @@ def test_toy_plan_compiles_every_program(variant, devices, tmp_path, monkeypatch
     assert len(list(tmp_path.glob("*.json"))) == 4  # one cached measurement per program
 
 
+def _deep_stack(fn):
+    """fn() in a thread with a 512 MiB stack, as `python -m flowjax.plan` runs (the TPU compiler's convolution
+    emitter recurses deeply)."""
+    box = {}
+
+    def work():
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    threading.stack_size(512 * 1024 * 1024)
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        threading.stack_size(0)
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
+def _tiny_flux(config):
+    """A FLUX config at toy scale: 64 px (8x8 latents), 16 T5 tokens, 16 images per epoch, 3 steps."""
+    config.world.resolution, config.sample.latent_size = 64, (8, 8)
+    config.world.max_sequence_length = 16
+    config.world.generate_train, config.world.generate_test = 16, 4
+    t = config.train
+    t.prompts_per_batch, t.group_size, t.minibatches, t.grad_accum = 4, 4, 2, 1
+    config.sample.num_steps = config.sample.eval_num_steps = 3
+    config.lora.rank, config.lora.alpha = 4, 8.0
+    return config
+
+
+def test_flux_plan_compiles_every_program(devices, tmp_path, monkeypatch):
+    """configs/flux_geneval.py (FLUX.1-dev's Flow-GRPO recipe: embedded guidance, dynamic shift, chunked attention,
+    full remat) with the flux-tiny transformer and VAE: the world gives the trainer FLUX's conditioning shapes
+    (T5 tokens only, CLIP-L pooled), its guidance and its schedule, and every program compiles for v5e:2x2."""
+    from flowjax import sampling
+    from flowjax import sharding as sharding_lib
+
+    monkeypatch.setenv("FLOWJAX_PLAN_CACHE", str(tmp_path))
+    config = _tiny_flux(flux_geneval.get_config("grpo"))
+    trainer, extra = plan_lib.build_abstract(config, sharding_lib.make_mesh(dict(config.mesh), devices=devices),
+                                             preset="flux-tiny")
+    world = trainer.world
+    assert world.cond_shapes == ((16, 256), (64,)) and world.channels == 16 and world.model_guidance == 3.5
+    mu = sampling.flux_mu(16)  # (8/2) x (8/2) packed image tokens, FluxPipeline's default schedule
+    assert trainer.eval_sigmas.tolist() == sampling.flux_sigmas(3, mu=mu).tolist()
+    assert list(extra) == []  # 16 prompts are encoded up front: no text encoders resident
+    lines = []
+    report = _deep_stack(lambda: plan_lib.plan(config, plan_lib.parse_topology("v5e:2x2"), name="flux-tiny",
+                                               preset="flux-tiny", devices=devices, log=lines.append))
+    assert set(report["programs"]) == {"rollout", "reward", "update", "evaluate"}
+    assert report["fits"] and not report["searched"] and report["epoch_flops"] > 0
+    assert all(m["flops"] > 0 for n, m in report["programs"].items())
+    m = FINAL.match(lines[-1])
+    assert m and m.groups()[:3] == ("flux-tiny", "v5e:2x2", "4") and m.group(6) == "fits", lines[-1]
+    assert len(list(tmp_path.glob("*.json"))) == 4  # one cached measurement per program
+    with pytest.raises(ValueError, match="--preset must be one of"):
+        plan_lib.build_abstract(config, trainer.mesh, preset="sd35-medium")
+
+
 def test_micro_batches_are_searched_when_the_batch_does_not_fit(devices, tmp_path, monkeypatch):
     """With a chip of a few MiB, the whole batch does not fit: the plan finds smaller micro-batches that do."""
     monkeypatch.setenv("FLOWJAX_PLAN_CACHE", str(tmp_path))
@@ -88,3 +154,14 @@ def test_geneval_plans_on_v5e_8(variant, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     m = FINAL.match(out.stdout.strip().splitlines()[-1])
     assert m and m.group(6) == "fits", out.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["flux_pickscore.py:grpo", "flux_geneval.py:grpo"])
+def test_flux_dev_plans_on_v5p_8(config, tmp_path):
+    """FLUX.1-dev's Flow-GRPO recipes (the flux-dev preset: 12 B parameters, 512 px, 512 T5 tokens) plan on a v5p-8."""
+    out = subprocess.run([sys.executable, "-m", "flowjax.plan", f"--config=configs/{config}", "--topology=v5p-8"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=7200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = FINAL.match(out.stdout.strip().splitlines()[-1])
+    assert m and m.group(2) == "v5p-8", out.stdout[-3000:]

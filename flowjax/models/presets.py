@@ -28,7 +28,12 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, 
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 FLUX_SCHNELL = {**FLUX_DEV, "guidance_embeds": False}
-FLUX_TRANSFORMERS = {"flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL}
+# Not a published model: a tiny FLUX.1-dev-shaped transformer (guidance embedding, 16 latent channels) for tests
+# and CPU benchmarks (`python -m flowjax.plan --preset=flux-tiny`, benchmarks/mmdit.py flux-tiny).
+FLUX_TINY = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=2, num_single_layers=4,
+                 attention_head_dim=32, num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64,
+                 guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+FLUX_TRANSFORMERS = {"flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL, "flux-tiny": FLUX_TINY}
 
 # The SD3 / SD3.5 VAE (stable-diffusion-3.5-medium vae/config.json): 16 latent channels, no quant convs.
 SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -38,6 +43,11 @@ SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBloc
                mid_block_add_attention=True, force_upcast=True)
 # The FLUX.1 VAE (FLUX.1-dev and -schnell vae/config.json): the same architecture, its own scaling and shift.
 FLUX_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+# Not a published model: the FLUX VAE's layout (16 latent channels, 8x down-sampling) with 8 channels per block,
+# the VAE of the tiny presets.
+TINY_FLUX_VAE = {**FLUX_VAE, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
+# The VAE that goes with a transformer preset when a config has no model folder (default: the family's VAE).
+PRESET_VAES = {"flux-tiny": TINY_FLUX_VAE}
 
 # SD3's text encoders (text_encoder, text_encoder_2, text_encoder_3 config.json): CLIP-L/14 and OpenCLIP
 # bigG/14 text towers with projections, and the T5 v1.1 XXL encoder.
