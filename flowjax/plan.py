@@ -388,6 +388,19 @@ def plan(config, topology: Topology, *, name: str | None = None, preset: str | N
     that do (a line through the measured memory of two sizes, each guess compiled to check it). Returns the
     report (also printed through `log`)."""
     import jax
+
+    # TPU executables compiled here are measured, never run (measurements have their own cache, by program):
+    # they stay out of JAX's persistent compilation cache, which could not load them without a TPU client.
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _plan(config, topology, name=name, preset=preset, devices=devices, log=log)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+
+
+def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
+    import jax
     import numpy as np
 
     from flowjax import sharding as sharding_lib

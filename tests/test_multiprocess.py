@@ -25,7 +25,7 @@ def test_two_processes_match_one(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(WORKER), coordinator, str(i), str(tmp_path / "two"), "2"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = [p.communicate(timeout=1500)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
 
