@@ -76,6 +76,16 @@ _TEMPFLOW_BETA = {"geneval": 0.004, "pickscore": 0.001}
 _GDRO = {"geneval": (6.0, 1.0), "ocr": (12.0, 0.5)}
 
 
+def _with_run_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """What every SD3.5 / FLUX recipe shares: FSDP over all devices, two checkpoints kept, 32-image grids."""
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.sharding_rules = sharding.DEFAULT_RULES
+    c.keep_checkpoints = 2
+    c.grid_size = 32
+    c.tensorboard = True
+    return c
+
+
 def variants(task: str) -> tuple[str, ...]:
     """The variants a task has: cps_fast and tempflow are published for GenEval and PickScore only, GDRO for
     GenEval and OCR."""
@@ -200,12 +210,7 @@ def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
         m.update(mix=mix, decay_type=decay_type)
         c.eval_every, c.checkpoint_every = 10, 30
 
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.sharding_rules = sharding.DEFAULT_RULES
-    c.keep_checkpoints = 2
-    c.grid_size = 32
-    c.tensorboard = True
-    return c
+    return _with_run_settings(c)
 
 
 # ------------------------------------------------------------------------------------------ FLUX.1-dev
@@ -303,9 +308,4 @@ def flux_dev(variant: str, task: str) -> ml_collections.ConfigDict:
             m.window.update(size=4, schedule="progressive", shift_interval=25, stride=1, roll_back=True)
             c.eval_every = c.checkpoint_every = 50
     s.latent_size = (w.resolution // 8, w.resolution // 8)
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.sharding_rules = sharding.DEFAULT_RULES
-    c.keep_checkpoints = 2
-    c.grid_size = 32
-    c.tensorboard = True
-    return c
+    return _with_run_settings(c)
