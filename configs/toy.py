@@ -93,4 +93,5 @@ def get_config(arg: str = "grpo"):
     c.eval_every = 10
     c.checkpoint_every = 10
     c.keep_checkpoints = 2
+    c.tensorboard = True  # events under WORKDIR/tensorboard beside metrics.jsonl
     return c
