@@ -208,15 +208,19 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
                             "--config.train.steps=8", "--config.checkpoint_every=1", "--config.eval_every=4",
                             "--config.tensorboard=False"]
     subprocess.run(args(tmp_path / "straight"), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=1200)
+    killed = tmp_path / "killed"
+    saved = lambda: max((int(p.name.split(".")[0]) for p in (killed / "checkpoints").glob("[0-9]*")),
+                        default=-1)  # the newest save, finished or in flight
     rng, kills = np.random.default_rng(0), 0
-    for attempt in range(12):
-        proc = subprocess.Popen(args(tmp_path / "killed"), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time_.time() + float(rng.uniform(20, 60))
-        while proc.poll() is None and time_.time() < deadline:
-            time_.sleep(0.2)
-        if proc.poll() is not None:
-            assert proc.returncode == 0
+    while True:
+        proc = subprocess.Popen(args(killed), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kills < 3:  # kill it a random 0-6 s after its next checkpoint save starts (saves are every step)
+            start = saved()
+            while proc.poll() is None and saved() <= start:
+                time_.sleep(0.1)
+            time_.sleep(float(rng.uniform(0, 6)))
+        if proc.poll() is not None or kills >= 3:  # finished, or the last start: run to the end
+            assert proc.wait(timeout=1200) == 0
             break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
