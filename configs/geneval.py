@@ -46,11 +46,11 @@ batch sizes are the references' 32-GPU epochs, scale `train.prompts_per_batch` a
   gradient: the guide is a latent PRM trained first (`python -m flowjax.prm --config=configs/geneval.py:euphonium
   --workdir=DIR ...`, then `--config.euphonium.guide.path=DIR/prm`).
 - gdro, GDRO (arXiv 2601.02036; no public code): ODE rollouts (CFG 4.5, 10 steps) of k = 6 images per prompt,
-  48 prompts per epoch in 4 minibatches of 12 whole groups, two optimizer steps per epoch; the soft-target
+  64 prompts per epoch in 4 minibatches of 16 whole groups, two optimizer steps per epoch; the soft-target
   Plackett-Luce loss (tau 0.05) of the implicit rewards (beta 6 x Diffusion-DPO's T = 1000) plus
   1.0 x the flow-matching loss of each group's best image, one (t, eps) draw shared by a group per minibatch.
   The paper's GenEval values are k, tau, beta and gamma; the rest is chosen (flowjax/recipes.py, flowjax/rl/gdro.py).
-- gdro_offline, GDRO's offline mode: the same loss on a fixed dataset of 32 batches (1536 prompts x 6 images,
+- gdro_offline, GDRO's offline mode: the same loss on a fixed dataset of 32 batches (2048 prompts x 6 images,
   40-step ODE samples of the base model) sampled and scored once into WORKDIR/rollouts/, then trained on for
   every epoch without sampling; a resumed run reuses the dataset.
 Shared: LoRA rank 32 alpha 64 on the joint attention's projections, AdamW lr 3e-4, weight decay 1e-4,

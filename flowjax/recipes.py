@@ -36,10 +36,11 @@ Sources (each value below cites one of these):
   latent PRM that must first be trained for SD3.5 with `python -m flowjax.prm` (`euphonium.guide.path`).
 - GDRO: the paper (arXiv 2601.02036v1; no public code), which reports OCR and GenEval (no PickScore, so no
   PickScore variant): k = 6 images per prompt, tau 0.05, beta 6 / gamma 1.0 (GenEval), beta 12 / gamma 0.5
-  (OCR). Everything else is CHOSEN (the paper, as recorded here, gives no batch, schedule or step counts): 48
-  prompts x 6 images per epoch (Flow-GRPO's prompts per epoch) in 4 minibatches of 12 whole groups, two optimizer
+  (OCR). Everything else is CHOSEN (the paper, as recorded here, gives no batch, schedule or step counts): 64
+  prompts x 6 images per epoch (384: divides over 8 to 64 devices, where Flow-GRPO's 48 prompts x 6 = 288 does
+  not divide over 64) in 4 minibatches of 16 whole groups, two optimizer
   steps per epoch, the shared lr 3e-4, ODE rollouts with CFG 4.5, 10 steps online (Flow-GRPO's rollout budget)
-  and 40 for the offline dataset (sampled once: SD3.5's usual inference steps), 32 batches (1536 prompts, 9216
+  and 40 for the offline dataset (sampled once: SD3.5's usual inference steps), 32 batches (2048 prompts, 12288
   images) in the offline dataset, one (t, eps) draw per minibatch with t ~ U(0, 1) shared by a group, beta
   scaled by Diffusion-DPO's T = 1000 (flowjax/rl/gdro.py), no EMA copy, evaluation every 60 epochs.
 """
@@ -195,8 +196,8 @@ def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
         offline = variant == "gdro_offline"
         s.num_steps = 40 if offline else 10
         s.eval_guidance = m.guidance  # 4.5
-        t.prompts_per_batch, t.group_size = 48, 6
-        t.minibatches, t.grad_accum = 4, 2  # 72 images (12 whole groups) per minibatch, 2 optimizer steps per epoch
+        t.prompts_per_batch, t.group_size = 64, 6  # 384 images: divides over 8, 16, 32 and 64 devices
+        t.minibatches, t.grad_accum = 4, 2  # 96 images (16 whole groups) per minibatch, 2 optimizer steps per epoch
         m.update(beta=beta, gamma=gamma, offline=offline, offline_batches=32)
         c.eval_every = c.checkpoint_every = 60
     else:
