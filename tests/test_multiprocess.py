@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_trainer import build, read_metrics, toy
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
@@ -19,6 +20,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes x (compile + 2 epochs) and the one-process run: ~5-10 min on 2 cores
 def test_two_processes_match_one(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
