@@ -428,7 +428,6 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
         config.sample.micro_batch, config.train.micro_batch = sample_micro, train_micro
         tr, _ = build_abstract(config, mesh, preset=preset)
         args = abstract.program_args(tr)
-        lowered = abstract.lower(tr, args)
         rows = tr.micro_rows or tr.batch_size
         keep_shapes, _ = jax.eval_shape(tr._rollout, *args["rollout"])
         keep_shapes.pop("source", None)
@@ -444,7 +443,7 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
         for name in names:
             key = (name, sample_micro if name in SAMPLE_PROGRAMS else train_micro)
             if key not in cache:
-                m = dict(measure(lowered[name], topology))
+                m = dict(measure(abstract.lower(tr, {name: args[name]})[name], topology))  # only what is measured
                 m["inputs"] = max(0, m["arguments"] - _resident_args(args[name], tr))
                 live = epoch if name in ("rollout", "update") else 0.0
                 m["peak"] = (float("inf") if m.get("oom") else

@@ -13,9 +13,6 @@ import jax.numpy as jnp
 from flowjax import sharding as sharding_lib
 from flowjax.rl.method import Cond
 
-PROGRAMS = ("rollout", "reward", "update", "evaluate")
-
-
 def placed(state, mesh, rules):
     """An abstract NNX state with each leaf a ShapeDtypeStruct carrying its NamedSharding."""
     shardings = sharding_lib.variable_shardings(state, mesh, rules)

@@ -95,6 +95,15 @@ class Cond(NamedTuple):
     def rows(self, idx):
         return Cond(self.ctx[idx], self.pooled[idx], self.neg_ctx, self.neg_pooled)
 
+    @staticmethod
+    def join(parts: list["Cond"]) -> "Cond":
+        """Micro-batches' conditioning joined along the rows (the negative prompt is the same in each)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda *a: jnp.concatenate(a)
+        return Cond(cat(*(c.ctx for c in parts)), cat(*(c.pooled for c in parts)), parts[0].neg_ctx,
+                    parts[0].neg_pooled)
+
 
 class Context(NamedTuple):
     """What `Method.grads` gets from the trainer besides the parameters and the minibatch."""

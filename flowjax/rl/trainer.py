@@ -359,8 +359,7 @@ class Trainer:
                 self._stored, dataset_metrics = sample_dataset(self)
             prompt_ids, group_ids, keep, scores = self._stored.epoch(step)
             source = np.arange(len(prompt_ids))
-            conds = [self._cond(prompt_ids[rows]) for rows in self._micro_batches(len(prompt_ids))]
-            cond = Cond(*self._concat([(cd.ctx, cd.pooled) for cd in conds]), conds[0].neg_ctx, conds[0].neg_pooled)
+            cond = Cond.join([self._cond(prompt_ids[rows]) for rows in self._micro_batches(len(prompt_ids))])
             keep = {k: self._global(v) for k, v in keep.items()}
             scores = {k: self._global(v) for k, v in scores.items()}
         else:
@@ -419,7 +418,7 @@ class Trainer:
             conds.append(cond)
             keeps.append(keep)
             sources.append(rows[local])
-        cond = Cond(*self._concat([(cd.ctx, cd.pooled) for cd in conds]), conds[0].neg_ctx, conds[0].neg_pooled)
+        cond = Cond.join(conds)
         return cond, self._concat(keeps), self._concat(scores), np.concatenate(sources)
 
     def train(self, num_steps: int | None = None) -> None:
