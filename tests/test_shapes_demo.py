@@ -92,7 +92,10 @@ def test_quickstart_notebook_runs(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     env = {"FLOWJAX_QUICKSTART_STEPS": "1", "FLOWJAX_QUICKSTART_EVAL_PROMPTS": "8",
-           "FLOWJAX_QUICKSTART_WORKDIR": str(tmp_path), "FLOWJAX_ROOT": str(ROOT)}
+           "FLOWJAX_QUICKSTART_WORKDIR": str(tmp_path), "FLOWJAX_ROOT": str(ROOT),
+           # the kernel shares the suite's compiled shapes programs, as the command-line runs do
+           "JAX_COMPILATION_CACHE_DIR": ENV["JAX_COMPILATION_CACHE_DIR"],
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]}
     old = {k: os.environ.get(k) for k in [*env, "XLA_FLAGS"]}
     os.environ.update(env)
     os.environ["XLA_FLAGS"] = ""
