@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 
 GiB = 1024**3
@@ -340,7 +341,21 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FLOWJAX_PLAN_CACHE", Path.home() / ".cache" / "flowjax" / "plan"))
 
 
-_OOM = re.compile(r"total memory required for (.+?) \(([\d.]+)([KMGT])\) exceeds available HBM")
+# The two forms libtpu words a compile-time HBM refusal in: the first names what it sized, the second (the
+# "CompileTimeHbmOom" report) breaks the program down and names its HLO temporaries.
+_OOM_FORMS = (re.compile(r"total memory required for (.+?) \(([\d.]+)([KMGT])\) exceeds available HBM"),
+              re.compile(r"(HLO temp)\s+([\d.]+)([KMGT])"))
+
+
+def oom_request(message: str) -> tuple[str, float] | None:
+    """(what, bytes) the TPU compiler asked for when it refused a program for lack of HBM, else None."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    for form in _OOM_FORMS:
+        m = form.search(message)
+        if m:
+            return m.group(1), float(m.group(2)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(3)]
+    return None
 
 
 def measure(lowered, topology: Topology) -> dict:
@@ -357,12 +372,12 @@ def measure(lowered, topology: Topology) -> dict:
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
-        m = _OOM.search(str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+        refused = oom_request(str(e))
+        if refused is None:
             raise
-        need = float(m.group(2)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(3)]
+        what, need = refused
         out = dict(arguments=0, temporaries=int(need), outputs=0, aliased=0, code=0, flops=0.0, oom=True,
-                   oom_what=m.group(1))
+                   oom_what=what)
     else:
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
@@ -403,6 +418,7 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
     import jax
     import numpy as np
 
+    from flowjax import flops as flops_lib
     from flowjax import sharding as sharding_lib
     from flowjax.rl import abstract, evaluation
 
@@ -443,7 +459,17 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
         for name in names:
             key = (name, sample_micro if name in SAMPLE_PROGRAMS else train_micro)
             if key not in cache:
+                micro = key[1] or "the whole batch"
+                log(f"plan: {name}, micro-batch {micro} rows per device, on {topology.name}: lowering and compiling "
+                    "(minutes for a large model; measurements are cached by program)")
+                started = time.perf_counter()
                 m = dict(measure(abstract.lower(tr, {name: args[name]})[name], topology))  # only what is measured
+                # XLA's cost analysis counts a loop body once (the sampler's steps, the scanned blocks): the
+                # FLOPs of a call are counted from the program's jaxpr instead, loops multiplied out.
+                counted = flops_lib.count(abstract.programs(tr)[name], *args[name])
+                m.update(model_flops=counted.flops, uncounted_loops=counted.uncounted_loops)
+                log(f"plan: {name}: {'refused for lack of HBM' if m.get('oom') else 'measured'}"
+                    f" ({time.perf_counter() - started:.0f} s)")
                 m["inputs"] = max(0, m["arguments"] - _resident_args(args[name], tr))
                 live = epoch if name in ("rollout", "update") else 0.0
                 m["peak"] = (float("inf") if m.get("oom") else
@@ -459,7 +485,9 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
         worst = lambda res: max(r["peak"] for r in res.values())
         need = lambda res: max(r["temporaries"] for r in res.values())  # what grows with the rows
         unit = 1 if is_sample else trainer.method.train_micro_unit()  # GDRO: whole groups per gradient call
-        sizes = _divisors(total_rows) if is_sample else list(range(unit, max(total_rows, unit) + 1, unit))
+        # Sizes that divide the rows: any other would pad each minibatch with rows of weight 0 (wasted compute).
+        multiples = list(range(unit, max(total_rows, unit) + 1, unit))
+        sizes = _divisors(total_rows) if is_sample else [s for s in multiples if total_rows % s == 0] or multiples
         m0 = current or total_rows
         first = at(m0 if current or unit == 1 else 0)  # 0: the whole minibatch per call (m0 may be no multiple)
         if worst(first) <= hbm:
@@ -498,7 +526,7 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
     programs = {k: programs[k] for k in ("rollout", "reward", "update", "evaluate")}
     peak = max(m["peak"] for m in programs.values())
     peak_flops = topology.chip.bf16_flops * per_dev
-    epoch_flops = sum(m["flops"] * m["calls"] for m in programs.values()) * n_dev
+    epoch_flops = sum(m["model_flops"] * m["calls"] for m in programs.values())
     report = dict(config=name or f"{config.method}:{config.get('variant', config.method)}", topology=topology.name, chips=topology.chips,
                   devices=n_dev, hbm_per_chip=topology.chip.hbm, resident=resident, programs=programs,
                   epoch_buffers=programs["update"]["epoch_buffers"], sample_micro=searched_sample,
@@ -524,11 +552,15 @@ def _print(r: dict, chips_per_device: float, log) -> None:
         per_chip = lambda b: b / chips_per_device
         peak = "     OOM" if m.get("oom") else gib(per_chip(m["peak"]))
         log(f"{name:10s} {m['calls']:11.2f} {m['rows']:9d} {gib(per_chip(m['inputs']))} {gib(per_chip(m['temporaries']))} "
-            f"{gib(per_chip(m['outputs'] - m['aliased']))} {peak:>9s}  {m['flops'] * r['devices'] / 1e9:11.1f}")
+            f"{gib(per_chip(m['outputs'] - m['aliased']))} {peak:>9s}  {m['model_flops'] / 1e9:11.1f}")
     for name, b in r["resident"].items():
         log(f"resident: {name}: {b / chips_per_device / 2**20:.0f} MiB per chip")
     log(f"epoch buffers (rollout keeps, conditioning): {r['epoch_buffers'] / chips_per_device / 2**20:.0f} MiB per chip")
-    log(f"FLOPs per epoch: {r['epoch_flops'] / 1e15:.2f} PFLOP; roofline at {r['chips']} chips' bf16 peak: "
+    loops = sum(m.get("uncounted_loops", 0) for m in r["programs"].values())
+    if loops:
+        log(f"FLOPs: {loops} while loop(s) counted once (their trip counts are not static)")
+    log(f"FLOPs per epoch (matmuls and convolutions): {r['epoch_flops'] / 1e15:.2f} PFLOP; roofline at "
+        f"{r['chips']} chips' bf16 peak: "
         f"{r['roofline_s']:.1f} s per epoch")
     log(f"micro-batches: sample.micro_batch={r['sample_micro']} train.micro_batch={r['train_micro']}"
         + (" (searched: the config's did not fit)" if r["searched"] else ""))

@@ -35,6 +35,20 @@ def test_unknown_topologies_are_refused():
         plan_lib.parse_topology("v5e-6")
 
 
+def test_both_forms_of_the_compilers_hbm_refusal_are_read():
+    # libtpu 0.0.42's two wordings (abbreviated from refusals seen here: a toy chip, and SD3.5-M's update on v5e-8)
+    short = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. The total "
+             "memory required for HLO temporaries (20.89G) exceeds available HBM (15.75G)")
+    report = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in "
+              "memory space hbm. Used 15.83G of 15.75G hbm. Exceeded hbm capacity by 79.41M.\n\nTotal hbm usage "
+              ">= 15.87G:\n    reserved        258.00M \n    program          14.49G \n    arguments         1.13G "
+              "\n\nProgram hbm requirement 14.49G:\n    global            4.38M\n    scoped            1.05M\n"
+              "    HLO temp         14.38G (99.3% utilization)")
+    assert plan_lib.oom_request(short) == ("HLO temporaries", 20.89 * 2**30)
+    assert plan_lib.oom_request(report) == ("HLO temp", 14.38 * 2**30)
+    assert plan_lib.oom_request("INTERNAL: something else (3.0G)") is None
+
+
 @pytest.fixture(scope="module")
 def devices():
     return plan_lib.tpu_devices(plan_lib.parse_topology("v5e:2x2"))
@@ -48,9 +62,16 @@ def test_toy_plan_compiles_every_program(variant, devices, tmp_path, monkeypatch
                            log=lines.append)
     assert set(report["programs"]) == {"rollout", "reward", "update", "evaluate"}
     assert report["fits"] and not report["searched"] and report["epoch_flops"] > 0
-    assert all(m["flops"] > 0 for n, m in report["programs"].items() if n != "reward")
+    assert all(m["model_flops"] > 0 for n, m in report["programs"].items() if n != "reward")
     assert FINAL.match(lines[-1]), lines[-1]
     assert len(list(tmp_path.glob("*.json"))) == 4  # one cached measurement per program
+    # FLOPs are counted with the sampler's loop multiplied out: twice the steps, twice the rollout's matmuls
+    # (XLA's cost analysis counts a loop body once and would report the same number for both).
+    longer = toy.get_config(variant)
+    longer.sample.num_steps *= 2
+    twice = plan_lib.plan(longer, plan_lib.parse_topology("v5e:2x2"), devices=devices, log=lambda _: None)
+    assert twice["programs"]["rollout"]["model_flops"] == pytest.approx(
+        2 * report["programs"]["rollout"]["model_flops"], rel=1e-6)
 
 
 def _deep_stack(fn):
@@ -109,7 +130,7 @@ def test_flux_plan_compiles_every_program(devices, tmp_path, monkeypatch):
                                                preset="flux-tiny", devices=devices, log=lines.append))
     assert set(report["programs"]) == {"rollout", "reward", "update", "evaluate"}
     assert report["fits"] and not report["searched"] and report["epoch_flops"] > 0
-    assert all(m["flops"] > 0 for n, m in report["programs"].items())
+    assert all(m["model_flops"] > 0 for n, m in report["programs"].items())
     m = FINAL.match(lines[-1])
     assert m and m.groups()[:3] == ("flux-tiny", "v5e:2x2", "4") and m.group(6) == "fits", lines[-1]
     assert len(list(tmp_path.glob("*.json"))) == 4  # one cached measurement per program

@@ -73,8 +73,13 @@ def program_args(trainer, micro_rows: int | None = None, minibatch_rows: int | N
     return args
 
 
+def programs(trainer) -> dict:
+    """The trainer's jitted programs by name, called with `program_args`' arguments."""
+    return {"rollout": trainer._rollout, "reward": trainer._score, "update": trainer._update,
+            "evaluate": trainer._evaluate}
+
+
 def lower(trainer, args: dict) -> dict:
     """Each program lowered for its abstract arguments: name -> `jax.stages.Lowered`."""
-    jitted = {"rollout": trainer._rollout, "reward": trainer._score, "update": trainer._update,
-              "evaluate": trainer._evaluate}
+    jitted = programs(trainer)
     return {name: jitted[name].lower(*a) for name, a in args.items()}
