@@ -211,7 +211,24 @@ def sd35_medium(variant: str, task: str) -> ml_collections.ConfigDict:
         m.update(mix=mix, decay_type=decay_type)
         c.eval_every, c.checkpoint_every = 10, 30
 
+    # Micro-batches that fit a 16 GiB v5e chip (`python -m flowjax.plan`, README "Fitting a mesh"): at most 18 rows
+    # per device per rollout / reward / evaluation call (Flow-GRPO's CFG rollout measured at 14.4 GiB peak per v5e-8
+    # chip with 24), the largest such size that divides the batch on 8 to 64 devices; 18 rows per gradient call, 12
+    # with PickScore (its 3.9 GiB CLIP-H stays resident: Flow-GRPO's update at 18 did not fit v5e-8, at 12 14.9 GiB).
+    s.micro_batch = _micro_batch(t.prompts_per_batch * t.group_size, MAX_MICRO_ROWS)
+    t.micro_batch = 12 if task == "pickscore" else MAX_MICRO_ROWS
     return _with_run_settings(c)
+
+
+MAX_MICRO_ROWS = 18
+MESH_SIZES = (8, 16, 32, 64)
+
+
+def _micro_batch(batch: int, cap: int) -> int:
+    """The largest sample.micro_batch <= cap valid for `batch` rollouts on every mesh of MESH_SIZES devices
+    (it divides the rows per device, or covers them: then that mesh samples its rows in one call)."""
+    ok = lambda m: all(m >= batch // d or (batch // d) % m == 0 for d in MESH_SIZES if batch % d == 0)
+    return max(m for m in range(1, cap + 1) if ok(m))
 
 
 # ------------------------------------------------------------------------------------------ FLUX.1-dev

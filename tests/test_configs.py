@@ -116,7 +116,7 @@ def test_every_recipe_starts_on_meshes_of_8_to_64_devices(devices):
     device) where they do not (NFT's 72, AWM's 96, Flow-GRPO's 288 on 64 devices, TempFlow-GRPO's 432). TempFlow-GRPO's
     published epoch is 32 seeds (8 GPUs x 4 sampling batches of one seed): on 64 devices it takes 16 prompts."""
     from flowjax.rl.method import build_method
-    from flowjax.rl.batching import minibatch_layout
+    from flowjax.rl.batching import minibatch_layout, sample_micro_rows
 
     for module in CONFIGS.values():
         for variant in module.VARIANTS:
@@ -128,6 +128,11 @@ def test_every_recipe_starts_on_meshes_of_8_to_64_devices(devices):
             assert batch % devices == 0, (module.__name__, variant, devices)
             size, padded, calls = minibatch_layout(build_method(c).rows(batch), c.train.minibatches, devices)
             assert padded % devices == 0 and 0 <= padded - size < devices and calls == 1
+            # the recipes' micro-batches (sized for a v5e chip by flowjax.plan) are valid on every mesh
+            sample_micro_rows(batch, devices, c.sample.get("micro_batch", 0))
+            size, padded, calls = minibatch_layout(build_method(c).rows(batch), c.train.minibatches, devices,
+                                                   c.train.get("micro_batch", 0))
+            assert padded % devices == 0 and padded >= size
     assert minibatch_layout(72, 1, 32) == (72, 96, 1) and minibatch_layout(288, 1, 64, micro=2) == (288, 384, 3)
 
 

@@ -11,6 +11,20 @@ import jax.numpy as jnp
 from flowjax.rl.method import Cond
 
 
+def sample_micro_rows(batch: int, devices: int, micro: int) -> int:
+    """Rows per rollout / reward / evaluation call for `sample.micro_batch` = `micro` rows per device: 0 (the
+    whole batch in one call) when micro is 0 or covers the batch; a ValueError listing the valid sizes when
+    micro x devices does not divide the batch (calls are never padded: every sampled row is a real rollout)."""
+    rows = micro * devices if micro and micro * devices < batch else 0
+    if micro < 0 or (rows and batch % rows):
+        per = batch // devices
+        sizes = [d for d in range(1, per + 1) if per % d == 0]
+        raise ValueError(f"sample.micro_batch={micro} rows per device must divide the batch's {per} rows per "
+                         f"device (over {devices} devices); choose one of {sizes}, or 0 for the whole batch in one "
+                         "call")
+    return rows
+
+
 def minibatch_layout(rows: int, minibatches: int, devices: int, micro: int = 0) -> tuple[int, int, int]:
     """(rows per minibatch, padded rows per minibatch, gradient calls per minibatch). A minibatch is padded with
     rows of weight 0 to a multiple of the data-parallel devices (of devices x `micro` rows with

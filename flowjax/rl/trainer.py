@@ -40,7 +40,7 @@ from flowjax.models.prediction import check_prediction, to_velocity
 from flowjax.rl import abstract as abstract_lib
 from flowjax.rl import advantages as adv_lib
 from flowjax.rl import evaluation, feed, optim
-from flowjax.rl.batching import accumulate_window, micro_batched, minibatch_layout
+from flowjax.rl.batching import accumulate_window, micro_batched, minibatch_layout, sample_micro_rows
 from flowjax.rl.ema import eval_ema_step
 from flowjax.rl.method import Cond, Context, build_method, velocity
 from flowjax.rl.rollout_store import sample_dataset
@@ -143,13 +143,7 @@ class Trainer:
             self.dataset_nfes_per_batch = self.nfes["rollout"]
             self.nfes = {**self.nfes, "rollout": 0}
         self.compute_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
-        micro = int(s.get("micro_batch", 0) or 0)
-        self.micro_rows = micro * dp if micro and micro * dp < self.batch_size else 0
-        if micro < 0 or (self.micro_rows and self.batch_size % self.micro_rows):
-            sizes = [d for d in range(1, self.batch_size // dp + 1) if (self.batch_size // dp) % d == 0]
-            raise ValueError(f"sample.micro_batch={micro} rows per device must divide the batch's "
-                             f"{self.batch_size // dp} rows per device (over {dp} devices); choose one of {sizes}, "
-                             "or 0 for the whole batch in one call")
+        self.micro_rows = sample_micro_rows(self.batch_size, dp, int(s.get("micro_batch", 0) or 0))
         # Trainable vs frozen; the reference policy is LoRA off (zero adapters) or the initial weights.
         def adapt(m):
             if config.lora.rank > 0:
