@@ -123,7 +123,8 @@ class PlanWorld:
         self._vae_graphdef, vae_state = nnx.split(vae)
         self.reward = reward
         self.state = {"vae": vae_state, "reward": None if reward is None else reward.params,
-                      "tokens": None if reward is None else jnp.zeros((num_prompts, 77), jnp.int32)}
+                      "tokens": None if reward is None else jnp.zeros(
+                          (num_prompts, getattr(reward, "token_width", 77)), jnp.int32)}
 
     def sigmas(self, num_steps: int):
         if self._sigmas is None:
@@ -171,13 +172,16 @@ def _model_folder(config) -> Path | None:
 
 
 def _jittable_reward(config):
-    """The config's reward when it runs inside the programs (PickScore), as shapes; None for host rewards."""
+    """The config's reward when it runs inside the programs (PickScore, OCR), as shapes; None for host rewards."""
     from flax import nnx
 
     from flowjax.models import presets
     from flowjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-    if str(config.reward.get("name", "")).lower() != "pickscore":
+    name = str(config.reward.get("name", "")).lower()
+    if name == "ocr":
+        return _ocr_reward(config)
+    if name != "pickscore":
         return None
     from flowjax.rewards.clip_rewards import CLIPDual, PickScore
     from flowjax.rewards.preprocess import CLIPPreprocess
@@ -188,6 +192,32 @@ def _jittable_reward(config):
         CLIPVisionModel(CLIPVisionConfig.from_transformers(presets.PICKSCORE_VISION), with_projection=True,
                         rngs=nnx.Rngs(0)), 4.6))
     return PickScore(dual, CLIPPreprocess(image_size=224))
+
+
+class _AbstractWeights:
+    """A jittable reward whose weights are shapes only (the plan compiles its programs, never runs them)."""
+
+    def __init__(self, reward, token_width: int):
+        import jax
+
+        self.score = reward.score
+        self.params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), reward.params)
+        self.token_width = token_width
+
+
+def _ocr_reward(config):
+    """Flow-GRPO's OCR reward as the trainer runs it (PP-OCRv4 detection and recognition in the reward program,
+    the box post-processing as a host callback); the installed rapidocr-onnxruntime's ONNX files (or
+    reward.path) give the networks' shapes."""
+    from flowjax.rewards.ocr import OCRReward
+
+    try:
+        reward = OCRReward(config.reward.get("path") or None, **dict(config.reward.get("options") or {}))
+    except (FileNotFoundError, ImportError) as e:
+        raise ValueError(f"the OCR reward's networks are part of the reward program, and their files are needed to "
+                         f"plan it ({e}); pip install -e '.[ocr]' && pip install --no-deps rapidocr-onnxruntime, or "
+                         "--config.reward.path=DIR with the two ONNX files") from e
+    return _AbstractWeights(reward, token_width=1 + reward.max_target_chars)
 
 
 def _sd3_parts(config, preset: str, dtype):

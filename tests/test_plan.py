@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import flux_geneval, toy
+from configs import flux_geneval, geneval, toy
 from flowjax import plan as plan_lib
 
 pytest.importorskip("libtpu", reason="flowjax.plan needs the TPU compiler: pip install -e '.[plan]'")
@@ -186,3 +186,21 @@ def test_flux_dev_plans_on_v5p_8(config, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     m = FINAL.match(out.stdout.strip().splitlines()[-1])
     assert m and m.group(2) == "v5p-8", out.stdout[-3000:]
+
+
+def test_the_ocr_reward_is_planned_with_its_networks():
+    """configs/ocr.py's reward runs PP-OCRv4 inside the reward program: the plan traces it with the installed
+    networks' shapes (no weights), the host box post-processing as a callback."""
+    for module in ("onnx", "cv2", "pyclipper", "rapidocr_onnxruntime"):
+        pytest.importorskip(module)
+    import jax
+    import jax.numpy as jnp
+
+    from configs import ocr
+
+    reward = plan_lib._jittable_reward(ocr.get_config("grpo"))
+    assert reward.token_width == 65 and all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(reward.params))
+    images = jax.ShapeDtypeStruct((2, 512, 512, 3), jnp.float32)
+    out = jax.eval_shape(reward.score, reward.params, images, jax.ShapeDtypeStruct((2, 65), jnp.int32))
+    assert out.shape == (2,)
+    assert plan_lib._jittable_reward(geneval.get_config("grpo")) is None  # a host reward: decoded images only
