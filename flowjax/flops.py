@@ -29,12 +29,12 @@ class FlopCount:
 
 
 def _dot_flops(eqn) -> float:
-    (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
     contract = math.prod(lhs[d] for d in lc)
     batch = math.prod(lhs[d] for d in lb)
     lhs_free = math.prod(s for d, s in enumerate(lhs) if d not in lc and d not in lb)
-    rhs_free = math.prod(s for d, s in enumerate(rhs) if d not in rc and d not in eqn.params["dimension_numbers"][1][1])
+    rhs_free = math.prod(s for d, s in enumerate(rhs) if d not in rc and d not in rb)
     return 2.0 * batch * lhs_free * rhs_free * contract
 
 
