@@ -52,6 +52,7 @@ import ml_collections
 from flowjax import sharding
 from flowjax.models.lora import SD3_ATTENTION_TARGETS
 from flowjax.rl.awm import AWM
+from flowjax.rl.batching import sample_micro_rows
 from flowjax.rl.euphonium import Euphonium
 from flowjax.rl.gdro import GDRO
 from flowjax.rl.grpo import FlowGRPO
@@ -225,10 +226,19 @@ MESH_SIZES = (8, 16, 32, 64)
 
 
 def _micro_batch(batch: int, cap: int) -> int:
-    """The largest sample.micro_batch <= cap valid for `batch` rollouts on every mesh of MESH_SIZES devices
-    (it divides the rows per device, or covers them: then that mesh samples its rows in one call)."""
-    ok = lambda m: all(m >= batch // d or (batch // d) % m == 0 for d in MESH_SIZES if batch % d == 0)
-    return max(m for m in range(1, cap + 1) if ok(m))
+    """The largest sample.micro_batch <= cap that the trainer accepts (`batching.sample_micro_rows`) for `batch`
+    rollouts on every mesh of MESH_SIZES devices that divides the batch."""
+
+    def valid(micro: int) -> bool:
+        try:
+            for devices in MESH_SIZES:
+                if batch % devices == 0:
+                    sample_micro_rows(batch, devices, micro)
+        except ValueError:
+            return False
+        return True
+
+    return max(m for m in range(1, cap + 1) if valid(m))
 
 
 # ------------------------------------------------------------------------------------------ FLUX.1-dev
