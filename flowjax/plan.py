@@ -388,17 +388,20 @@ def oom_request(message: str) -> tuple[str, float] | None:
     return None
 
 
-def measure(lowered, topology: Topology) -> dict:
-    """Per-device bytes (arguments, temporaries, outputs, aliased) and FLOPs of a compiled program, cached by
-    the program's text and the topology. A program the TPU compiler refuses for lack of HBM is returned with
-    `oom=True` and the temporaries the compiler asked for."""
+def measure(lowered, topology: Topology, log=None) -> dict:
+    """Per-device bytes (arguments, temporaries, outputs, aliased) of a compiled program, cached by the program's
+    text and the topology; `cached` says whether it came from the cache. A program the TPU compiler refuses for
+    lack of HBM is returned with `oom=True` and the temporaries the compiler asked for. `log` hears of a compile
+    before it starts (they take minutes for a large model)."""
     import jax
 
     text = lowered.as_text()
     key = hashlib.sha256((topology.jax_name + "\n" + text).encode()).hexdigest()[:32]
     path = _cache_dir() / f"{key}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return {**json.loads(path.read_text()), "cached": True}
+    if log is not None:
+        log(f"plan: compiling for {topology.name} (minutes for a large model; the result is cached in {path.parent})")
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -406,18 +409,15 @@ def measure(lowered, topology: Topology) -> dict:
         if refused is None:
             raise
         what, need = refused
-        out = dict(arguments=0, temporaries=int(need), outputs=0, aliased=0, code=0, flops=0.0, oom=True,
-                   oom_what=what)
+        out = dict(arguments=0, temporaries=int(need), outputs=0, aliased=0, code=0, oom=True, oom_what=what)
     else:
         mem = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         out = dict(arguments=int(mem.argument_size_in_bytes), temporaries=int(mem.temp_size_in_bytes),
                    outputs=int(mem.output_size_in_bytes), aliased=int(mem.alias_size_in_bytes),
-                   code=int(mem.generated_code_size_in_bytes), flops=float((cost or {}).get("flops", 0.0)), oom=False)
+                   code=int(mem.generated_code_size_in_bytes), oom=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
-    return out
+    return {**out, "cached": False}
 
 
 def _divisors(n: int) -> list[int]:
@@ -490,16 +490,17 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
             key = (name, sample_micro if name in SAMPLE_PROGRAMS else train_micro)
             if key not in cache:
                 micro = key[1] or "the whole batch"
-                log(f"plan: {name}, micro-batch {micro} rows per device, on {topology.name}: lowering and compiling "
-                    "(minutes for a large model; measurements are cached by program)")
+                log(f"plan: {name}, micro-batch {micro} rows per device, on {topology.name}: tracing and lowering")
                 started = time.perf_counter()
-                m = dict(measure(abstract.lower(tr, {name: args[name]})[name], topology))  # only what is measured
+                traced = abstract.trace(tr, name, args[name])  # one trace: the FLOPs' jaxpr and the compiled text
+                m = measure(traced.lower(), topology, log=log)
                 # XLA's cost analysis counts a loop body once (the sampler's steps, the scanned blocks): the
                 # FLOPs of a call are counted from the program's jaxpr instead, loops multiplied out.
-                counted = flops_lib.count(abstract.programs(tr)[name], *args[name])
+                counted = flops_lib.count_jaxpr(traced.jaxpr.jaxpr)
                 m.update(model_flops=counted.flops, uncounted_loops=counted.uncounted_loops)
-                log(f"plan: {name}: {'refused for lack of HBM' if m.get('oom') else 'measured'}"
-                    f" ({time.perf_counter() - started:.0f} s)")
+                took = time.perf_counter() - started
+                how = "from the cache" if m.pop("cached") else f"traced and compiled in {took:.0f} s"
+                log(f"plan: {name}: {'refused for lack of HBM' if m.get('oom') else 'measured'} ({how})")
                 m["inputs"] = max(0, m["arguments"] - _resident_args(args[name], tr))
                 live = epoch if name in ("rollout", "update") else 0.0
                 m["peak"] = (float("inf") if m.get("oom") else

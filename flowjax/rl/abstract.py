@@ -1,7 +1,7 @@
 """The trainer's programs from shapes alone, for ahead-of-time compilation on any mesh (`flowjax.plan`).
 
 A `Trainer(..., abstract=True)` holds every state as a `jax.ShapeDtypeStruct` with its sharding; these functions
-build those states and lower its jitted programs for abstract arguments, one call each as `train_step` and
+build those states and trace its jitted programs for abstract arguments, one call each as `train_step` and
 `evaluate` make them.
 """
 
@@ -79,7 +79,7 @@ def programs(trainer) -> dict:
             "evaluate": trainer._evaluate}
 
 
-def lower(trainer, args: dict) -> dict:
-    """Each program lowered for its abstract arguments: name -> `jax.stages.Lowered`."""
-    jitted = programs(trainer)
-    return {name: jitted[name].lower(*a) for name, a in args.items()}
+def trace(trainer, name: str, args: tuple):
+    """Program `name` traced for its abstract arguments (`jax.stages.Traced`): its `.jaxpr` and its `.lower()`
+    come from this one trace."""
+    return programs(trainer)[name].trace(*args)
