@@ -113,7 +113,7 @@ def test_every_variant_builds_and_validates(name, variant):
 @pytest.mark.parametrize("devices", [8, 16, 32, 64])
 def test_every_recipe_starts_on_meshes_of_8_to_64_devices(devices):
     """Rollout batches divide the devices; minibatches are padded with zero-weight rows (under one row per
-    device) where they do not (NFT's 72, AWM's 96, Flow-GRPO's 288 on 64 devices, TempFlow-GRPO's 432). TempFlow-GRPO's
+    device and gradient call) where they do not (NFT's 72, AWM's 96, Flow-GRPO's 288 on 64 devices, TempFlow-GRPO's 432). TempFlow-GRPO's
     published epoch is 32 seeds (8 GPUs x 4 sampling batches of one seed): on 64 devices it takes 16 prompts."""
     from flowjax.rl.method import build_method
     from flowjax.rl.batching import minibatch_layout, sample_micro_rows
@@ -130,10 +130,19 @@ def test_every_recipe_starts_on_meshes_of_8_to_64_devices(devices):
             assert padded % devices == 0 and 0 <= padded - size < devices and calls == 1
             # the recipes' micro-batches (sized for a v5e chip by flowjax.plan) are valid on every mesh
             sample_micro_rows(batch, devices, c.sample.get("micro_batch", 0))
-            size, padded, calls = minibatch_layout(build_method(c).rows(batch), c.train.minibatches, devices,
-                                                   c.train.get("micro_batch", 0))
-            assert padded % devices == 0 and padded >= size
+            method, micro = build_method(c), c.train.get("micro_batch", 0)
+            unit = method.train_micro_unit()
+            size, padded, calls = minibatch_layout(method.rows(batch), c.train.minibatches, devices, micro, unit)
+            per_call = padded // (devices * calls)
+            # calls of at most micro rows per device, whole units, padded by under one unit per device and call
+            assert padded == per_call * calls * devices and per_call <= max(micro, per_call if calls == 1 else 0)
+            assert per_call % unit == 0 or calls == 1
+            assert 0 <= padded - size < devices * calls * unit, (module.__name__, variant, devices)
     assert minibatch_layout(72, 1, 32) == (72, 96, 1) and minibatch_layout(288, 1, 64, micro=2) == (288, 384, 3)
+    # AWM's 96-row minibatch on 4 devices at micro 18: 24 rows per device in 2 calls of 12 (no padded calls of 18)
+    assert minibatch_layout(96, 1, 4, micro=18) == (96, 96, 2)
+    assert minibatch_layout(96, 1, 4, micro=18, unit=6) == (96, 96, 2)  # 12 rows = 2 groups of 6 per call
+    assert minibatch_layout(100, 1, 4, micro=18, unit=6) == (100, 144, 2)  # 25 -> 2 calls of 3 groups
 
 
 def test_default_variant_is_grpo():

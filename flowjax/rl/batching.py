@@ -25,15 +25,21 @@ def sample_micro_rows(batch: int, devices: int, micro: int) -> int:
     return rows
 
 
-def minibatch_layout(rows: int, minibatches: int, devices: int, micro: int = 0) -> tuple[int, int, int]:
+def minibatch_layout(rows: int, minibatches: int, devices: int, micro: int = 0,
+                     unit: int = 1) -> tuple[int, int, int]:
     """(rows per minibatch, padded rows per minibatch, gradient calls per minibatch). A minibatch is padded with
-    rows of weight 0 to a multiple of the data-parallel devices (of devices x `micro` rows with
-    `train.micro_batch`), so the published minibatch sizes run on any mesh with the weighted means of their
-    real rows; the padding is under one row per device (per call)."""
+    rows of weight 0 to a multiple of the data-parallel devices, so the published minibatch sizes run on any mesh
+    with the weighted means of their real rows. With `train.micro_batch` = `micro` rows per device (a multiple of
+    the method's `unit`), a device's rows go in the fewest calls of at most `micro` rows, and those calls share
+    its rows evenly (in multiples of `unit`): 24 rows per device at micro 18 make 2 calls of 12, not 2 of 18 with
+    12 rows of padding. The padding stays under one row per device per call (under one `unit`)."""
     size = rows // minibatches
-    unit = devices * micro if micro and micro * devices < size else devices
-    padded = -(-size // unit) * unit
-    return size, padded, padded // unit if unit > devices else 1
+    per_device = -(-size // devices)
+    if not micro or micro >= per_device:
+        return size, per_device * devices, 1
+    calls = -(-per_device // micro)
+    per_call = -(-per_device // (calls * unit)) * unit  # <= micro: micro is a multiple of unit
+    return size, per_call * calls * devices, calls
 
 
 def accumulate_window(acc, grads, finite, every: int):
@@ -54,11 +60,22 @@ def accumulate_window(acc, grads, finite, every: int):
     return (jax.tree.map(reset, g_sum), reset(count), reset(seen)), boundary & (count > 0), mean
 
 
+def _combine(name: str):
+    """How a metric of the gradient calls combines into the minibatch's: `*_max` / `*_min` (e.g. GRPO's
+    ratio_max) as the largest / smallest over the calls with real rows, every other one as the weighted mean."""
+    if name.endswith("_max"):
+        return -jnp.inf, lambda acc, x, w: jnp.where(w > 0, jnp.maximum(acc, x), acc)
+    if name.endswith("_min"):
+        return jnp.inf, lambda acc, x, w: jnp.where(w > 0, jnp.minimum(acc, x), acc)
+    return 0.0, lambda acc, x, w: acc + w * x
+
+
 def micro_batched(grads: Callable, devices: int, calls: int, spread) -> Callable:
     """A method's `grads(ctx, params, method_state, minibatch, window, key)` over a minibatch in `calls`
     gradient calls (`train.micro_batch`): each call takes its rows from every one of the data-parallel
     `devices` alike (`spread`: the sharding of the [calls, rows] split), and the calls' weighted means combine
-    into the minibatch's (a call is skipped only when the method skips all of them)."""
+    into the minibatch's (a call is skipped only when the method skips all of them; `*_max` / `*_min` metrics
+    combine as the extremes over the calls)."""
     if calls == 1:
         return grads
 
@@ -78,16 +95,17 @@ def micro_batched(grads: Callable, devices: int, calls: int, spread) -> Callable
             skip = metrics.pop("skip", jnp.zeros((), bool))
             w = part[0]["weights"].sum()
             g_acc, m_acc, w_acc, s_acc = carry
-            add = lambda a, b: a + w * b.astype(a.dtype)
-            return (jax.tree.map(add, g_acc, g), jax.tree.map(add, m_acc, metrics), w_acc + w, s_acc & skip), None
+            g_acc = jax.tree.map(lambda a, b: a + w * b.astype(a.dtype), g_acc, g)
+            m_acc = {k: _combine(k)[1](m_acc[k], metrics[k].astype(jnp.float32), w) for k in m_acc}
+            return (g_acc, m_acc, w_acc + w, s_acc & skip), None
 
         shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], parts))[1]
         shapes.pop("skip", None)
-        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-        init = (jax.tree.map(jnp.zeros_like, params), zeros(shapes), jnp.zeros(()), jnp.ones((), bool))
+        m_init = {k: jnp.full(x.shape, _combine(k)[0], jnp.float32) for k, x in shapes.items()}
+        init = (jax.tree.map(jnp.zeros_like, params), m_init, jnp.zeros(()), jnp.ones((), bool))
         (g, metrics, w, skip), _ = jax.lax.scan(body, init, parts)
         w = jnp.maximum(w, 1e-12)
-        return jax.tree.map(lambda x: x / w.astype(x.dtype), g), {**jax.tree.map(lambda m: m / w, metrics),
-                                                                    "skip": skip}
+        metrics = {k: m if k.endswith(("_max", "_min")) else m / w for k, m in metrics.items()}
+        return jax.tree.map(lambda x: x / w.astype(x.dtype), g), {**metrics, "skip": skip}
 
     return minibatch_grads

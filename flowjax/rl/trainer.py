@@ -120,13 +120,13 @@ class Trainer:
         if self.batch_size % dp:
             raise ValueError(f"the batch of {self.batch_size} rollouts must divide evenly over the {dp} data-parallel "
                              f"devices of the mesh; change train.prompts_per_batch or train.group_size, or the mesh")
-        # A minibatch is padded with rows of weight 0 to a multiple of the devices (x train.micro_batch): the
+        # A minibatch is padded with rows of weight 0 to a multiple of the devices (x its gradient calls): the
         # published minibatch sizes run on any mesh, and its weighted means are those of the real rows.
         train_micro = int(t.get("micro_batch", 0) or 0)
         if train_micro < 0:
             raise ValueError(f"train.micro_batch must be >= 0 (rows per device per gradient call), got {train_micro}")
-        _, self.minibatch_rows, self.train_calls = minibatch_layout(self.method.rows(self.batch_size), t.minibatches,
-                                                                     dp, train_micro)
+        _, self.minibatch_rows, self.train_calls = minibatch_layout(
+            self.method.rows(self.batch_size), t.minibatches, dp, train_micro, self.method.train_micro_unit())
         # sample.shift: SD3's shift, or "dynamic" for the world's own schedule (FLUX's resolution shift)
         shift = world.sigmas if s.shift == "dynamic" else float(s.shift)
         self.sigmas = self.method.schedule(s.num_steps, shift)
