@@ -28,26 +28,9 @@ from flowjax.models import presets
 from flowjax.models.flux import FluxConfig
 from flowjax.models.mmdit import MMDiTConfig
 
-PRESETS = {
-    "tiny": dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=32,
-                 num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=128,
-                 pooled_projection_dim=64, out_channels=16, pos_embed_max_size=64,
-                 dual_attention_layers=(0, 1), qk_norm="rms_norm"),
-    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
-    "sd35-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-    "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                       num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
-    # FLUX.1 (flowjax.models.presets: the FLUX.1-dev / -schnell transformer/config.json).
-    "flux-dev": dict(family="flux", **presets.FLUX_DEV),
-    "flux-schnell": dict(family="flux", **presets.FLUX_SCHNELL),
-    "flux-tiny": dict(family="flux", **presets.FLUX_TINY),
-}
+# The published transformers' config.json (flowjax.models.presets), "tiny" = presets.SD3_TINY.
+PRESETS = {**presets.TRANSFORMERS, "tiny": presets.SD3_TINY,
+           **{name: dict(family="flux", **cfg) for name, cfg in presets.FLUX_TRANSFORMERS.items()}}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

@@ -613,7 +613,7 @@ def main(argv=None) -> int:
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/geneval.py:grpo", lock_config=False)
     flags.DEFINE_string("topology", None, "TPU topology: v5e-8, v5p-16, v4-32, v6e-8, ... or v5e:2x4")
     flags.DEFINE_string("preset", None, "model shapes when the config's world.model folder is absent: "
-                        "sd35-medium (SD3 default), sd35-large, sd3-medium, flux-dev (FLUX default), "
+                        "sd35-medium (SD3 default), sd35-large, sd3-medium, sd3-tiny, flux-dev (FLUX default), "
                         "flux-schnell, flux-tiny")
     flags.mark_flags_as_required(["config", "topology"])
 

@@ -172,6 +172,22 @@ def test_bad_sizes_and_inputs(ours):
         ours([])
 
 
+def test_without_text_encoders_it_samples_from_given_embeddings(ours):
+    """No encoders (diffusers' pipeline with prompt_embeds=): denoise + decode give the full pipeline's images;
+    encode_prompt and __call__ say why they cannot run; half a set of encoders is refused."""
+    bare = SD3Pipeline(transformer=ours.transformer, vae=ours.vae, shift=ours.shift, dtype=ours.dtype)
+    ctx, pooled, neg_ctx, neg_pooled = ours.encode_prompt(PROMPTS, NEGATIVE, MAX_SEQ)
+    noise = ours.prepare_latents(2, 32, 32, key=jax.random.key(1))
+    images = [pipe.decode(pipe.denoise(noise, ctx, pooled, neg_ctx, neg_pooled, num_steps=NUM_STEPS))
+              for pipe in (ours, bare)]
+    np.testing.assert_array_equal(np.asarray(images[1]), np.asarray(images[0]))
+    with pytest.raises(ValueError, match="no text encoders.*denoise"):
+        bare(PROMPTS, height=32, width=32)
+    with pytest.raises(ValueError, match="both CLIP text encoders and their tokenizers"):
+        SD3Pipeline(transformer=ours.transformer, vae=ours.vae, text_encoder=ours.text_encoder,
+                    tokenizer=ours.tokenizer)
+
+
 def _copy(folder, tmp_path):
     return Path(shutil.copytree(folder, tmp_path / "copy"))
 

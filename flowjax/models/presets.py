@@ -20,7 +20,12 @@ SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
-TRANSFORMERS = {"sd35-medium": SD35_MEDIUM, "sd35-large": SD35_LARGE, "sd3-medium": SD3_MEDIUM}
+# Not a published model: a tiny SD3.5-Medium-shaped MMDiT (dual attention in its first 2 blocks, RMS q/k norm)
+# for CPU benchmarks (benchmarks/mmdit.py, benchmarks/pipeline.py) and plans (`--preset=sd3-tiny`).
+SD3_TINY = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=32,
+                num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=128, pooled_projection_dim=64,
+                out_channels=16, pos_embed_max_size=64, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+TRANSFORMERS = {"sd35-medium": SD35_MEDIUM, "sd35-large": SD35_LARGE, "sd3-medium": SD3_MEDIUM, "sd3-tiny": SD3_TINY}
 
 # black-forest-labs/FLUX.1-dev transformer/config.json (a FluxTransformer2DModel: 19 double-stream and 38
 # single-stream blocks, guidance embedding); FLUX.1-schnell's differs only by guidance_embeds false.
@@ -46,8 +51,9 @@ FLUX_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 # Not a published model: the FLUX VAE's layout (16 latent channels, 8x down-sampling) with 8 channels per block,
 # the VAE of the tiny presets.
 TINY_FLUX_VAE = {**FLUX_VAE, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
+TINY_SD3_VAE = {**SD3_VAE, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
 # The VAE that goes with a transformer preset when a config has no model folder (default: the family's VAE).
-PRESET_VAES = {"flux-tiny": TINY_FLUX_VAE}
+PRESET_VAES = {"flux-tiny": TINY_FLUX_VAE, "sd3-tiny": TINY_SD3_VAE}
 
 # SD3's text encoders (text_encoder, text_encoder_2, text_encoder_3 config.json): CLIP-L/14 and OpenCLIP
 # bigG/14 text towers with projections, and the T5 v1.1 XXL encoder.

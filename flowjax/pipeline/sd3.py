@@ -97,13 +97,20 @@ class SD3Pipeline(common.TextToImagePipeline):
     `transformer` an `MMDiT`, `vae` an `AutoencoderKL`, `text_encoder` / `text_encoder_2` the CLIP-L / OpenCLIP
     bigG `CLIPTextModel`s with projection, `text_encoder_3` a `T5Encoder` or None (its features are then zeros),
     the tokenizers `transformers` tokenizers (or anything called the same way), `shift` the sigma-schedule shift.
-    `dtype` is the dtype of the returned prompt embeddings.
+    `dtype` is the dtype of the returned prompt embeddings. Without any text encoder or tokenizer (all None, as
+    diffusers' pipeline with `prompt_embeds=`), the pipeline samples and decodes from given embeddings
+    (`denoise`, `decode`: what an RL rollout does) and `encode_prompt` says it cannot encode.
     """
 
-    def __init__(self, *, transformer, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
-                 text_encoder_3=None, tokenizer_3=None, shift: float = 3.0, dtype=jnp.bfloat16):
+    def __init__(self, *, transformer, vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                 tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, shift: float = 3.0, dtype=jnp.bfloat16):
         if (text_encoder_3 is None) != (tokenizer_3 is None):
             raise ValueError("text_encoder_3 and tokenizer_3 go together: give both or neither")
+        clip = (text_encoder, text_encoder_2, tokenizer, tokenizer_2)
+        if any(x is None for x in clip) and any(x is not None for x in clip + (text_encoder_3,)):
+            raise ValueError("SD3Pipeline encodes with both CLIP text encoders and their tokenizers (T5 optional): "
+                             "give text_encoder, text_encoder_2, tokenizer and tokenizer_2, or no encoder at all "
+                             "to sample from given embeddings")
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
@@ -162,6 +169,8 @@ class SD3Pipeline(common.TextToImagePipeline):
         )
 
     def _clip_encoders(self):
+        if self.text_encoder is None:
+            return ()
         return (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2))
 
     def _t5(self):
@@ -172,8 +181,10 @@ class SD3Pipeline(common.TextToImagePipeline):
             raise CheckpointError(f"the transformer is a {type(self.transformer).__name__}, not an SD3 MMDiT"
                                   " (a FLUX transformer goes in flowjax.pipeline.FluxPipeline)")
         t = self.transformer.config
-        l_cfg, g_cfg = self.text_encoder.config, self.text_encoder_2.config
         problems = []
+        if self.text_encoder is None:
+            return problems
+        l_cfg, g_cfg = self.text_encoder.config, self.text_encoder_2.config
         if not (self.text_encoder.with_projection and self.text_encoder_2.with_projection):
             problems.append("both CLIP text encoders need their text_projection (CLIPTextModelWithProjection)")
         else:
@@ -221,6 +232,9 @@ class SD3Pipeline(common.TextToImagePipeline):
         a list of len(prompts) (None means ""). With `do_classifier_free_guidance=False` the negative is not
         encoded and neg_ctx, neg_pooled are None. Prompts and negatives go through the encoders in one batch.
         """
+        if self.text_encoder is None:
+            raise ValueError("this SD3Pipeline has no text encoders: load one with them (from_pretrained), or give "
+                             "prompt embeddings to denoise()")
         max_sequence_length = common.check_max_sequence_length(max_sequence_length)
         texts = common.with_negatives(prompts, negative_prompt, do_classifier_free_guidance)
         batch = len(texts) // 2 if do_classifier_free_guidance else len(texts)
