@@ -44,3 +44,20 @@ def test_calls_combine_into_the_whole_minibatch(calls):
         np.testing.assert_allclose(float(m[k]), float(m_whole[k]), rtol=1e-6, err_msg=k)
     assert float(m["x_max"]) == x[:size].max() + 0.25 and float(m["x_min"]) == x[:size].min() + 0.25
     assert not bool(m["skip"])
+
+
+def test_timestep_accumulation_reduces_metrics_as_the_calls_do():
+    """`method.accumulate` over K timesteps: the gradient and means weighted over the steps of weight > 0,
+    `*_max` / `*_min` the extremes of those steps (a left-out step's extreme values do not count), 0 when every
+    step is left out."""
+    from flowjax.rl.method import accumulate
+
+    steps = jnp.asarray([0.5, 3.0, -2.0, 9.0])
+    loss_fn = lambda p, s: ((p * s) ** 2, {"loss": (p * s) ** 2, "s_max": s, "s_min": s})
+    w = jnp.asarray([1.0, 1.0, 1.0, 0.0])  # the last step (9.0) is left out
+    g, m = accumulate(loss_fn, jnp.float32(2.0), steps, w)
+    np.testing.assert_allclose(float(g), np.mean([2 * 2.0 * s**2 for s in (0.5, 3.0, -2.0)]), rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss"]), np.mean([(2.0 * s) ** 2 for s in (0.5, 3.0, -2.0)]), rtol=1e-6)
+    assert float(m["s_max"]) == 3.0 and float(m["s_min"]) == -2.0
+    g, m = accumulate(loss_fn, jnp.float32(2.0), steps, jnp.zeros(4))
+    assert float(g) == 0.0 and all(float(v) == 0.0 for v in m.values())

@@ -234,7 +234,7 @@ def minibatch(method, keep, rows, advantages, weights, cd):
 
 
 def test_first_minibatch_is_on_policy_and_the_loss_follows_the_reference(rolled):
-    """At the first minibatch the policy is the rollout's: ratio 1 exactly. Against other parameters, the
+    """At the first minibatch the policy is the rollout's: ratio 1 (to an ulp). Against other parameters, the
     policy loss (advantage clamped, times w_i) and the KL (divided by 2 (std_t sqrt(-dt))^2, unweighted)
     follow train_sd3_pr.py's "grpo logic" re-derived in NumPy."""
     method, c, sig, cd, keep, samples = rolled
@@ -247,7 +247,10 @@ def test_first_minibatch_is_on_policy_and_the_loss_follows_the_reference(rolled)
     mb = minibatch(method, keep, rows, adv, jnp.asarray(weights), cd)
     grads_fn = jax.jit(lambda p, m: method.grads(Context(linear_apply, REF, sig), p, None, m, None, jax.random.key(0)))
     _, m0 = grads_fn(PARAMS, mb)
-    assert float(m0["ratio_min"]) == float(m0["ratio_max"]) == 1.0 and float(m0["clipfrac"]) == 0.0
+    # ratio_min / ratio_max are the extremes over the chunks: a chunk's log-probs recomputed at another batch
+    # shape than the rollout's may differ by an ulp (seen: 1 - 2^-24)
+    assert abs(float(m0["ratio_min"]) - 1.0) < 1e-6 and abs(float(m0["ratio_max"]) - 1.0) < 1e-6
+    assert float(m0["clipfrac"]) == 0.0
 
     other = {"w": PARAMS["w"] * 1.05, "b": PARAMS["b"] - 0.1}
     _, m1 = grads_fn(other, mb)

@@ -53,9 +53,11 @@ def test_first_update_is_on_policy(tmp_path):
     trainer = build(c, tmp_path, mesh=single_device_mesh())
     metrics = trainer.train_step()
     trainer.close()
-    # The rollout's log-probs and the training recomputation come from the same parameters and the
-    # same kernel code, so the ratio is 1 to the bit.
-    assert metrics["ratio_min"] == metrics["ratio_max"] == 1.0
+    # The rollout's log-probs and the training recomputation come from the same parameters and the same kernel
+    # code, so the ratio is 1 up to the float32 rounding of a recomputation in another program (ratio_min /
+    # ratio_max, the extremes over all trained steps and rows: 1 -/+ 1.2e-7 here).
+    assert abs(metrics["ratio_min"] - 1.0) < 1e-6 and abs(metrics["ratio_max"] - 1.0) < 1e-6
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-7)
     assert metrics["clipfrac"] == 0.0
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from flowjax.rl.method import Cond
+from flowjax.rl.method import Cond, reduce_metric
 
 
 def sample_micro_rows(batch: int, devices: int, micro: int) -> int:
@@ -60,22 +60,12 @@ def accumulate_window(acc, grads, finite, every: int):
     return (jax.tree.map(reset, g_sum), reset(count), reset(seen)), boundary & (count > 0), mean
 
 
-def _combine(name: str):
-    """How a metric of the gradient calls combines into the minibatch's: `*_max` / `*_min` (e.g. GRPO's
-    ratio_max) as the largest / smallest over the calls with real rows, every other one as the weighted mean."""
-    if name.endswith("_max"):
-        return -jnp.inf, lambda acc, x, w: jnp.where(w > 0, jnp.maximum(acc, x), acc)
-    if name.endswith("_min"):
-        return jnp.inf, lambda acc, x, w: jnp.where(w > 0, jnp.minimum(acc, x), acc)
-    return 0.0, lambda acc, x, w: acc + w * x
-
-
 def micro_batched(grads: Callable, devices: int, calls: int, spread) -> Callable:
     """A method's `grads(ctx, params, method_state, minibatch, window, key)` over a minibatch in `calls`
     gradient calls (`train.micro_batch`): each call takes its rows from every one of the data-parallel
     `devices` alike (`spread`: the sharding of the [calls, rows] split), and the calls' weighted means combine
-    into the minibatch's (a call is skipped only when the method skips all of them; `*_max` / `*_min` metrics
-    combine as the extremes over the calls)."""
+    into the minibatch's (a call is skipped only when the method skips all of them; metrics by
+    `method.reduce_metric`: `*_max` / `*_min` as extremes over the calls, the others as weighted means)."""
     if calls == 1:
         return grads
 
@@ -94,18 +84,14 @@ def micro_batched(grads: Callable, devices: int, calls: int, spread) -> Callable
             g, metrics = one(part)
             skip = metrics.pop("skip", jnp.zeros((), bool))
             w = part[0]["weights"].sum()
-            g_acc, m_acc, w_acc, s_acc = carry
+            g_acc, s_acc = carry
             g_acc = jax.tree.map(lambda a, b: a + w * b.astype(a.dtype), g_acc, g)
-            m_acc = {k: _combine(k)[1](m_acc[k], metrics[k].astype(jnp.float32), w) for k in m_acc}
-            return (g_acc, m_acc, w_acc + w, s_acc & skip), None
+            return (g_acc, s_acc & skip), (jax.tree.map(lambda m: m.astype(jnp.float32), metrics), w)
 
-        shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], parts))[1]
-        shapes.pop("skip", None)
-        m_init = {k: jnp.full(x.shape, _combine(k)[0], jnp.float32) for k, x in shapes.items()}
-        init = (jax.tree.map(jnp.zeros_like, params), m_init, jnp.zeros(()), jnp.ones((), bool))
-        (g, metrics, w, skip), _ = jax.lax.scan(body, init, parts)
-        w = jnp.maximum(w, 1e-12)
-        metrics = {k: m if k.endswith(("_max", "_min")) else m / w for k, m in metrics.items()}
-        return jax.tree.map(lambda x: x / w.astype(x.dtype), g), {**metrics, "skip": skip}
+        init = (jax.tree.map(jnp.zeros_like, params), jnp.ones((), bool))
+        (g, skip), (metrics, w) = jax.lax.scan(body, init, parts)
+        total = jnp.maximum(w.sum(), 1e-12)
+        metrics = {k: reduce_metric(k, m, w) for k, m in metrics.items()}
+        return jax.tree.map(lambda x: x / total.astype(x.dtype), g), {**metrics, "skip": skip}
 
     return minibatch_grads

@@ -261,10 +261,21 @@ class Method:
 # ------------------------------------------------------------------------------------ shared pieces
 
 
+def reduce_metric(name: str, values, weights):
+    """One metric of K parts (timesteps, gradient calls) [K] -> the whole's, over the parts of weight > 0:
+    `*_max` / `*_min` (GRPO's ratio_max / ratio_min) the largest / smallest, any other the weighted mean; 0 when
+    every weight is 0."""
+    kept = weights > 0
+    if name.endswith(("_max", "_min")):
+        pick, empty = (jnp.max, -jnp.inf) if name.endswith("_max") else (jnp.min, jnp.inf)
+        return jnp.where(kept.any(), pick(jnp.where(kept, values, empty)), 0.0)
+    return jnp.sum(jnp.where(kept, values, 0.0) * weights) / jnp.maximum(weights.sum(), 1e-12)
+
+
 def accumulate(loss_fn, params, steps, weights=None):
-    """Mean gradient and mean metrics of `loss_fn(params, step_input)` over the leading axis of `steps`,
-    scanned, so memory holds one step's activations (the references' accumulation over timesteps).
-    `weights` [K] (0 / 1) leaves steps out of both means (all zero: zero gradients and metrics)."""
+    """Mean gradient and metrics (`reduce_metric`) of `loss_fn(params, step_input)` over the leading axis of
+    `steps`, scanned, so memory holds one step's activations (the references' accumulation over timesteps).
+    `weights` [K] leaves steps of weight 0 out of both (all zero: zero gradients and metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     n = jax.tree.leaves(steps)[0].shape[0]
     w = jnp.ones((n,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
@@ -277,8 +288,7 @@ def accumulate(loss_fn, params, steps, weights=None):
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, metrics = jax.lax.scan(body, zeros, (steps, w))
     total = jnp.maximum(w.sum(), 1e-12)
-    mean = lambda m: jnp.sum(jnp.where(w > 0, m, 0.0) * w) / total
-    return jax.tree.map(lambda g: g / total, grads), jax.tree.map(mean, metrics)
+    return jax.tree.map(lambda g: g / total, grads), {k: reduce_metric(k, m, w) for k, m in metrics.items()}
 
 
 def velocity(apply, params, x, sigma, cond, guidance: float, integer_timesteps: bool = False):
