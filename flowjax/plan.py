@@ -451,6 +451,7 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
     from flowjax import flops as flops_lib
     from flowjax import sharding as sharding_lib
     from flowjax.rl import abstract, evaluation
+    from flowjax.rl.batching import minibatch_layout
 
     devices = devices if devices is not None else tpu_devices(topology)
     n_dev = len(devices)
@@ -516,7 +517,8 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
         worst = lambda res: max(r["peak"] for r in res.values())
         need = lambda res: max(r["temporaries"] for r in res.values())  # what grows with the rows
         unit = 1 if is_sample else trainer.method.train_micro_unit()  # GDRO: whole groups per gradient call
-        # Sizes that divide the rows: any other would pad each minibatch with rows of weight 0 (wasted compute).
+        # Sizes that divide the rows: any other cap makes calls of another size (the rows are split evenly) or
+        # pads them with rows of weight 0 (wasted compute).
         multiples = list(range(unit, max(total_rows, unit) + 1, unit))
         sizes = _divisors(total_rows) if is_sample else [s for s in multiples if total_rows % s == 0] or multiples
         m0 = current or total_rows
@@ -550,7 +552,7 @@ def _plan(config, topology: Topology, *, name, preset, devices, log) -> dict:
     train_micro = int(t.get("micro_batch", 0) or 0)
     rows_per_dev = batch // dp
     searched_sample = search(SAMPLE_PROGRAMS, sample_micro, rows_per_dev, train_micro, True)
-    update_rows = -(-(trainer.method.rows(batch) // t.minibatches) // dp)
+    update_rows = minibatch_layout(trainer.method.rows(batch), t.minibatches, dp)[1] // dp  # per device, in one call
     searched_train = search(TRAIN_PROGRAMS, train_micro, update_rows, searched_sample, False)
     searched = (searched_sample, searched_train) != (sample_micro, train_micro)
     programs = measured(searched_sample, searched_train, SAMPLE_PROGRAMS + TRAIN_PROGRAMS)
