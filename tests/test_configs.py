@@ -126,12 +126,12 @@ def test_every_recipe_starts_on_meshes_of_8_to_64_devices(devices):
                 c.train.prompts_per_batch = devices // c.train.group_size
             batch = c.train.prompts_per_batch * c.train.group_size
             assert batch % devices == 0, (module.__name__, variant, devices)
-            size, padded, calls = minibatch_layout(build_method(c).rows(batch), c.train.minibatches, devices)
+            method = build_method(c)
+            size, padded, calls = minibatch_layout(method.rows(batch), c.train.minibatches, devices)
             assert padded % devices == 0 and 0 <= padded - size < devices and calls == 1
             # the recipes' micro-batches (sized for a v5e chip by flowjax.plan) are valid on every mesh
             sample_micro_rows(batch, devices, c.sample.get("micro_batch", 0))
-            method, micro = build_method(c), c.train.get("micro_batch", 0)
-            unit = method.train_micro_unit()
+            micro, unit = c.train.get("micro_batch", 0), method.train_micro_unit()
             size, padded, calls = minibatch_layout(method.rows(batch), c.train.minibatches, devices, micro, unit)
             per_call = padded // (devices * calls)
             # calls of at most micro rows per device, whole units, padded by under one unit per device and call
