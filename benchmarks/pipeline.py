@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowjax.models import presets
+from flowjax.models.vae import VAEConfig
 
 CONFIGS = {name: (cfg, presets.PRESET_VAES.get(name, presets.SD3_VAE)) for name, cfg in presets.TRANSFORMERS.items()}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -64,7 +65,7 @@ def inputs(name: str, batch: int, resolution: int, t5_tokens: int, seed: int = 0
     rng = np.random.default_rng(seed)
     ctx = (batch, CLIP_TOKENS + t5_tokens, transformer_cfg["joint_attention_dim"])
     pooled = (batch, transformer_cfg["pooled_projection_dim"])
-    latent = resolution // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    latent = resolution // VAEConfig.from_diffusers(vae_cfg).downsample_factor
     draw = lambda shape: rng.standard_normal(shape, np.float32)
     return dict(ctx=draw(ctx), pooled=draw(pooled), neg_ctx=draw(ctx), neg_pooled=draw(pooled),
                 noise=draw((batch, latent, latent, transformer_cfg["in_channels"])))

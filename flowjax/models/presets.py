@@ -48,10 +48,11 @@ SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBloc
                mid_block_add_attention=True, force_upcast=True)
 # The FLUX.1 VAE (FLUX.1-dev and -schnell vae/config.json): the same architecture, its own scaling and shift.
 FLUX_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
-# Not a published model: the FLUX VAE's layout (16 latent channels, 8x down-sampling) with 8 channels per block,
-# the VAE of the tiny presets.
-TINY_FLUX_VAE = {**FLUX_VAE, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
-TINY_SD3_VAE = {**SD3_VAE, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
+# Not published models: the FLUX / SD3 VAE layout (16 latent channels, 8x down-sampling) with 8 channels per
+# block, the VAEs of the tiny presets.
+_TINY_VAE_BLOCKS = {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
+TINY_FLUX_VAE = {**FLUX_VAE, **_TINY_VAE_BLOCKS}
+TINY_SD3_VAE = {**SD3_VAE, **_TINY_VAE_BLOCKS}
 # The VAE that goes with a transformer preset when a config has no model folder (default: the family's VAE).
 PRESET_VAES = {"flux-tiny": TINY_FLUX_VAE, "sd3-tiny": TINY_SD3_VAE}
 
